@@ -1,0 +1,62 @@
+"""Defaults shared by every recipe; each recipe in configs/ starts from these.
+
+Every value can be overridden on the command line, e.g. `--config.model.n_layer=4`.
+The keys under seed, model, tokenizer, data and train are the public contract.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.n_layer = 4
+  config.model.n_head = 4
+  config.model.n_embd = 256
+  config.model.block_size = 128
+  config.model.dropout = 0.1
+  config.model.bias = True
+  config.model.tie_embeddings = True
+  config.model.dtype = "float32"  # compute dtype; params stay float32
+  config.model.remat = False  # rematerialise blocks in the backward pass
+  config.model.scan_layers = False  # layers under lax.scan: compile time independent of depth
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.kind = "bpe"  # 'bpe' (SentencePiece) or 'char'
+  config.tokenizer.vocab_size = 4000  # BPE only; char vocabularies are sized by the corpus
+  config.tokenizer.character_coverage = 1.0
+  config.tokenizer.input_sentence_size = 2_000_000  # lines sampled to train the BPE model
+
+  config.data = ml_collections.ConfigDict()
+  # 'text' reads data.path (a file, a directory or a glob); 'hebrew' and 'english' are the
+  # packaged offline corpora; several joined with '+' ('hebrew+english') share one tokenizer.
+  config.data.corpus = "text"
+  config.data.path = ""
+  config.data.separator = "\n\n"  # splits a text file into documents; "" keeps each file whole
+  config.data.keep_niqqud = False  # Hebrew: keep vowel points and cantillation marks
+  config.data.val_fraction = 0.1
+  config.data.shuffle_documents = True  # before the split, so validation is a random sample
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 32
+  config.train.num_steps = 2000
+  config.train.learning_rate = 1e-3
+  config.train.min_learning_rate = 1e-4
+  config.train.warmup_steps = 100
+  config.train.decay_steps = -1  # cosine decay ends here; -1 means num_steps
+  config.train.weight_decay = 0.1
+  config.train.beta1 = 0.9
+  config.train.beta2 = 0.99
+  config.train.grad_clip = 1.0
+  config.train.eval_every = 250
+  config.train.eval_batches = 20
+  config.train.checkpoint_every = 500
+  config.train.keep_checkpoints = 3
+  config.train.log_every = 50
+  config.train.sample_tokens = 200  # length of the sample printed at each evaluation
+  config.train.sample_prompt = ""  # "" starts samples from end-of-text
+  config.train.sample_temperature = 0.8
+  config.train.sample_top_k = 40
+  return config

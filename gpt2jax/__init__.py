@@ -1,0 +1,1 @@
+"""gpt2jax: train and sample GPT-2 language models with JAX/Flax, in any script."""

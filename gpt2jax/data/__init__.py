@@ -1,0 +1,1 @@
+"""Corpus -> normalized documents -> cached token ids -> deterministic batches."""

@@ -1,0 +1,51 @@
+"""From config to ready token splits: corpus -> split -> tokenizer (trained once) -> cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from gpt2jax import tokenizer as tokenizer_lib
+from gpt2jax.checkpoint import DATA_DIR, TOKENIZER_DIR
+from gpt2jax.data import sources, tokens
+
+
+@dataclasses.dataclass
+class PreparedData:
+  tokenizer: tokenizer_lib.Tokenizer
+  train: tokens.Split
+  val: tokens.Split
+  num_documents: int
+  num_characters: int
+  trained_tokenizer: bool  # False when the workdir's saved tokenizer was reused
+
+
+def _split_settings(data_config) -> dict:
+  """The config values that change which text ends up in which split."""
+  return {k: data_config[k] for k in
+          ("corpus", "path", "separator", "keep_niqqud", "val_fraction", "shuffle_documents")}
+
+
+def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedData:
+  """Reads the corpus and returns encoded splits (from the workdir's cache when it matches).
+
+  reuse_tokenizer: load the workdir's tokenizer (a resumed run must keep its vocabulary)
+  instead of training one on the corpus.
+  """
+  docs = sources.load_documents(config.data)
+  train_docs, val_docs = tokens.split_documents(
+      docs, config.data.val_fraction, config.data.shuffle_documents)
+  tokenizer_dir = Path(workdir) / TOKENIZER_DIR
+  trained = not reuse_tokenizer
+  if trained:
+    # A char vocabulary is just the set of characters, taken from all text so that validation
+    # never meets an unknown one; BPE merges are learned from the training split only.
+    tokenizer = tokenizer_lib.train_tokenizer(
+        config.tokenizer, docs if config.tokenizer.kind == "char" else train_docs,
+        seed=config.seed)
+    tokenizer.save(tokenizer_dir)
+  else:
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  train, val = tokens.cached_splits(
+      Path(workdir) / DATA_DIR, tokenizer, train_docs, val_docs, _split_settings(config.data))
+  return PreparedData(tokenizer, train, val, len(docs), sum(len(d) for d in docs), trained)

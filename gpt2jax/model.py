@@ -1,0 +1,278 @@
+"""GPT-2 in flax.linen.
+
+One forward pass serves training (full causal attention over the block), prompt prefill and
+one-token decoding: decoding passes an explicit `KVCache` pytree and gets the updated cache
+back, so generating N tokens costs N single-token forwards instead of N full ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpt2jax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Shape and numerics of a GPT-2 model."""
+
+  vocab_size: int
+  block_size: int = 256
+  n_layer: int = 6
+  n_head: int = 6
+  n_embd: int = 384
+  dropout: float = 0.0
+  bias: bool = True
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise UserError(
+          f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+          "choose n_embd as a multiple of n_head (e.g. 64 per head)."
+      )
+    if self.dtype not in DTYPES:
+      raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+      if getattr(self, name) < 1:
+        raise UserError(f"model.{name} must be at least 1, got {getattr(self, name)}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
+    """Builds the model shape from `config.model` and the tokenizer's vocabulary size."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size, **{k: v for k, v in model_config.items() if k in fields})
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for the slots decoded so far.
+
+  All rows advance together: slot `index` is written next. Prompts of different lengths are
+  left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
+  """
+
+  k: jax.Array  # [layers, batch, max_len, heads, head_dim]
+  v: jax.Array  # [layers, batch, max_len, heads, head_dim]
+  index: jax.Array  # [] int32
+  start: jax.Array  # [batch] int32
+
+  @classmethod
+  def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
+    shape = (config.n_layer, batch_size, config.block_size, config.n_head, config.head_dim)
+    if start is None:
+      start = jnp.zeros((batch_size,), jnp.int32)
+    return cls(
+        k=jnp.zeros(shape, config.compute_dtype),
+        v=jnp.zeros(shape, config.compute_dtype),
+        index=jnp.zeros((), jnp.int32),
+        start=jnp.asarray(start, jnp.int32),
+    )
+
+
+def _dense_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def causal_attention(q, k, v):
+  """Causal softmax attention without a cache. q, k, v: [batch, time, heads, head_dim]."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def attention_weights(q, k, mask):
+  """Softmax attention weights in float32. mask: [batch, 1, q_time, k_time] bool."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)  # [batch, heads, q_time, k_time]
+
+
+class CausalSelfAttention(nn.Module):
+  config: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, layer_cache, mask, cache_index):
+    cfg = self.config
+    batch, time, _ = x.shape
+    qkv = nn.Dense(
+        3 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+        kernel_init=_dense_init(0.02), name="c_attn",
+    )(x)
+    qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, time, heads, head_dim]
+
+    new_cache = None
+    if layer_cache is not None:
+      k_cache, v_cache = layer_cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+      new_cache = (k, v)
+
+    attn_dropout = cfg.dropout > 0.0 and not self.deterministic
+    want_weights = self.is_mutable_collection("intermediates")
+    if mask is None and not (attn_dropout or want_weights):
+      y = causal_attention(q, k, v)
+    else:
+      if mask is None:
+        mask = jnp.tril(jnp.ones((time, time), jnp.bool_))[None, None]
+      weights = attention_weights(q, k, mask)
+      self.sow("intermediates", "attention_weights", weights)
+      weights = nn.Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
+      y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    y = y.reshape(batch, time, cfg.n_embd)
+    y = nn.Dense(
+        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
+    )(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+    return y, new_cache
+
+
+class MLP(nn.Module):
+  config: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    x = nn.Dense(
+        4 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+        kernel_init=_dense_init(0.02), name="c_fc",
+    )(x)
+    x = nn.gelu(x, approximate=True)
+    x = nn.Dense(
+        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
+    )(x)
+    return nn.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+  # Flax computes LayerNorm statistics in float32 whatever the compute dtype.
+  return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=cfg.compute_dtype, name=name)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block. Signature fits nn.scan: (carry, scanned, broadcast...)."""
+
+  config: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, layer_cache, mask, cache_index):
+    cfg = self.config
+    y, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+        _layer_norm(cfg, "ln_1")(x), layer_cache, mask, cache_index
+    )
+    x = x + y
+    x = x + MLP(cfg, self.deterministic, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+    return x, new_cache
+
+
+class GPT(nn.Module):
+  """GPT-2 language model returning float32 logits [batch, time, vocab] (and the new cache)."""
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic: bool = True, cache: KVCache | None = None):
+    cfg = self.config
+    batch, time = tokens.shape
+    if cache is None:
+      positions = jnp.arange(time)[None, :]  # [1, time]
+      mask = cache_index = None
+    else:
+      positions, mask = _cached_positions_and_mask(cache, time)
+      cache_index = cache.index
+
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
+                   embedding_init=_dense_init(0.02), name="wte")
+    wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype,
+                   embedding_init=_dense_init(0.02), name="wpe")
+    x = wte(tokens) + wpe(positions)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+    layers_cache = None if cache is None else (cache.k, cache.v)
+    x, new_layers_cache = self._blocks(x, layers_cache, mask, cache_index, deterministic)
+
+    x = _layer_norm(cfg, "ln_f")(x)
+    if cfg.tie_embeddings:
+      logits = wte.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                        kernel_init=_dense_init(0.02), name="lm_head")(x)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits, None
+    new_k, new_v = new_layers_cache
+    return logits, cache.replace(k=new_k, v=new_v, index=cache.index + time)
+
+  def _blocks(self, x, layers_cache, mask, cache_index, deterministic):
+    cfg = self.config
+    block_cls = Block
+    if cfg.remat:
+      block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast, nn.broadcast),
+          length=cfg.n_layer,
+      )(cfg, deterministic, name="h")
+      return stack(x, layers_cache, mask, cache_index)
+    new_k, new_v = [], []
+    for i in range(cfg.n_layer):
+      layer_cache = None if layers_cache is None else (layers_cache[0][i], layers_cache[1][i])
+      x, new_layer_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
+          x, layer_cache, mask, cache_index
+      )
+      if new_layer_cache is not None:
+        new_k.append(new_layer_cache[0])
+        new_v.append(new_layer_cache[1])
+    if layers_cache is None:
+      return x, None
+    return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+
+def _cached_positions_and_mask(cache: KVCache, time: int):
+  """Positions of the new tokens and which cache slots each may attend to."""
+  max_len = cache.k.shape[2]
+  query_slots = cache.index + jnp.arange(time)  # [time]
+  positions = jnp.maximum(query_slots[None, :] - cache.start[:, None], 0)  # [batch, time]
+  key_slots = jnp.arange(max_len)
+  causal = key_slots[None, :] <= query_slots[:, None]  # [time, max_len]
+  real = key_slots[None, :] >= cache.start[:, None]  # [batch, max_len]
+  mask = causal[None, None, :, :] & real[:, None, None, :]  # [batch, 1, time, max_len]
+  return positions, mask
+
+
+def count_params(params: Any, *, non_embedding: bool = False) -> int:
+  """Number of parameters; non_embedding leaves out the position embedding (as nanoGPT)."""
+  total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  if non_embedding:
+    total -= params["wpe"]["embedding"].size
+  return total
