@@ -24,7 +24,6 @@ from gpt2jax.errors import UserError
 from gpt2jax.model import GPT, GPTConfig, KVCache
 from gpt2jax.tokenizer import load_tokenizer
 
-PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +113,10 @@ def _left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
   return tokens, start
 
 
-def _bucket(length: int, limit: int) -> int:
-  return min(-(-length // PROMPT_BUCKET) * PROMPT_BUCKET, limit)
+def _bucket(length: int, block_size: int, limit: int) -> int:
+  """Rounds a context length up to 1/16 of the block, so few distinct shapes get compiled."""
+  step = max(1, block_size // 16)
+  return min(-(-length // step) * step, limit)
 
 
 def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: SamplingOptions,
@@ -132,7 +133,7 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: Samp
   new_tokens: list[list[int]] = [[] for _ in prompts]
   done = np.zeros((len(prompts),), bool)
   remaining = options.max_new_tokens
-  context_len = _bucket(max(len(s) for s in sequences), block - 1)
+  context_len = _bucket(max(len(s) for s in sequences), block, block - 1)
   stop_id = eos_id if options.stop_at_eos else -1
   while remaining > 0 and not done.all():
     tokens, start = _left_pad(sequences, context_len, pad_id)
@@ -165,7 +166,8 @@ def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng
   stop_id = eos_id if options.stop_at_eos else -1
   for _ in range(options.max_new_tokens):
     context = [s[-block:] for s in sequences]
-    tokens, start = _left_pad(context, _bucket(max(len(c) for c in context), block), pad_id)
+    tokens, start = _left_pad(context, _bucket(max(len(c) for c in context), block, block),
+                              pad_id)
     logits, _ = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(start))
     rng, draw_rng = jax.random.split(rng)
     token = np.asarray(sample_token(logits, draw_rng, jnp.float32(options.temperature),

@@ -30,9 +30,11 @@ class TrainState:
 
 def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: int
                      ) -> TrainState:
-  dummy = jnp.zeros((1, model.config.block_size), jnp.int32)
-  params = model.init(jax.random.key(seed), dummy)["params"]
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  def init(key):
+    params = model.init(key, jnp.zeros((1, model.config.block_size), jnp.int32))["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  return jax.jit(init)(jax.random.key(seed))
 
 
 def cross_entropy(logits, targets):
@@ -58,7 +60,7 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state), step_metrics
 

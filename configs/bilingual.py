@@ -1,0 +1,22 @@
+"""One GPT for Hebrew and English: Tanakh + Mishnah + King James Bible, ONE BPE tokenizer.
+
+  python train.py --config=configs/bilingual.py
+  python sample.py --prompt="ויאמר" --prompt="And God said"
+
+The tokenizer's 8,000 pieces are learned from both languages together (~1.6M training
+tokens); a wider model than the single-language recipes to hold both.
+"""
+
+from configs import hebrew
+
+
+def get_config():
+  config = hebrew.get_config()
+  config.data.corpus = "hebrew+english"
+  config.tokenizer.vocab_size = 8000
+  config.model.n_layer = 6
+  config.model.n_head = 6
+  config.model.n_embd = 384
+  config.train.num_steps = 3000
+  config.train.sample_prompt = ""
+  return config

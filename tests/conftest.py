@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny configs and a tiny trained workdir, all on data the tests write."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import default  # noqa: E402
+
+# A small bilingual text with the structure the models should pick up.
+TINY_TEXT = "\n\n".join(
+    f"ROMEO {i}: שלום עולם, hello world number {i % 7}.\nJULIET: ויאמר אלהים יהי אור {i % 5}!"
+    for i in range(60)
+)
+
+
+def tiny_config(text_path: str | os.PathLike = "", **overrides):
+  """A model and run small enough to train in seconds on one CPU core."""
+  config = default.get_config()
+  config.model.n_layer = 2
+  config.model.n_head = 2
+  config.model.n_embd = 32
+  config.model.block_size = 32
+  config.model.dropout = 0.0
+  config.tokenizer.kind = "char"
+  config.data.corpus = "text"
+  config.data.path = str(text_path)
+  config.train.batch_size = 8
+  config.train.num_steps = 40
+  config.train.warmup_steps = 5
+  config.train.learning_rate = 3e-3
+  config.train.eval_every = 20
+  config.train.eval_batches = 2
+  config.train.checkpoint_every = 20
+  config.train.log_every = 10
+  config.train.sample_tokens = 16
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory) -> Path:
+  path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+  path.write_text(TINY_TEXT, encoding="utf-8")
+  return path
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, tiny_text_file) -> Path:
+  """A workdir trained for 40 steps with a char tokenizer (shared by read-only tests)."""
+  from gpt2jax import train_lib
+
+  workdir = tmp_path_factory.mktemp("home") / "runs" / "tiny"
+  train_lib.train_and_evaluate(tiny_config(tiny_text_file), workdir)
+  return workdir
+
+
+def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 300):
+  """Runs train.py / sample.py as a user would; returns the CompletedProcess."""
+  import subprocess
+
+  env = dict(os.environ, PYTHONIOENCODING="utf-8")
+  return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, encoding="utf-8", timeout=timeout)

@@ -1,0 +1,67 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from gpt2jax import optim, train_lib
+from gpt2jax.errors import UserError
+from gpt2jax.metrics import read_metrics
+
+
+def test_tiny_run_learns_and_writes_its_workdir(trained_workdir):
+  records = read_metrics(trained_workdir)
+  evals = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in evals] == [0, 20, 40]
+  assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+  for key in ("train_loss", "val_perplexity", "val_bits_per_byte", "learning_rate",
+              "tokens_per_second"):
+    assert key in evals[-1]
+  assert evals[-1]["val_perplexity"] == pytest.approx(np.exp(evals[-1]["val_loss"]), rel=1e-6)
+  for name in ("config.json", "tokenizer/tokenizer.json", "samples.txt", "data/tokens.json"):
+    assert (trained_workdir / name).exists(), name
+  assert sorted(p.name for p in (trained_workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["20", "40"]
+  assert json.loads((trained_workdir / "config.json").read_text())["model"]["n_embd"] == 32
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_text_file):
+  config = tiny_config(tiny_text_file, train__decay_steps=40,  # same schedule for both
+                       model__dropout=0.1)
+  config.train.num_steps = 20  # as if interrupted after the checkpoint at step 20
+  train_lib.train_and_evaluate(config, tmp_path)
+  config.train.num_steps = 40
+  resumed = train_lib.train_and_evaluate(config, tmp_path)
+  assert int(resumed.step) == 40
+  steps = [r["step"] for r in read_metrics(tmp_path)]
+  assert steps == sorted(steps) and steps.count(20) == 1 and steps[-1] == 40
+
+  uninterrupted = train_lib.train_and_evaluate(config, tmp_path / "straight")
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params),
+                  jax.tree_util.tree_leaves(uninterrupted.params)):
+    np.testing.assert_array_equal(a, b)  # same batches, dropout and optimizer state
+
+
+def test_resuming_with_another_model_shape_is_refused(trained_workdir, tiny_text_file):
+  before = sorted(p.name for p in trained_workdir.rglob("*"))
+  config = tiny_config(tiny_text_file, model__n_layer=3)
+  with pytest.raises(UserError, match=r"model.n_layer: 2 -> 3"):
+    train_lib.train_and_evaluate(config, trained_workdir)
+  assert sorted(p.name for p in trained_workdir.rglob("*")) == before
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+  config = tiny_config(train__num_steps=100, train__warmup_steps=10)
+  schedule = optim.learning_rate_schedule(config.train)
+  assert schedule(0) == pytest.approx(config.train.learning_rate / 10)
+  assert schedule(9) == pytest.approx(config.train.learning_rate)
+  assert schedule(99) == pytest.approx(config.train.min_learning_rate)
+
+
+def test_weight_decay_applies_to_matrices_only():
+  params = {"h_0": {"c_fc": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+                    "ln_1": {"scale": np.ones(2)}}, "wte": {"embedding": np.ones((3, 2))}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"h_0": {"c_fc": {"kernel": True, "bias": False}, "ln_1": {"scale": False}},
+                  "wte": {"embedding": True}}
