@@ -27,7 +27,7 @@ def default_workdir(config_path: str) -> Path:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(_CONFIG))
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   cli.run_main(
       lambda: train_lib.train_and_evaluate(_CONFIG.value, workdir), verbose=_VERBOSE.value)
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import REPO, run_script, tiny_config
 from gpt2jax import optim, train_lib
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
@@ -65,3 +65,23 @@ def test_weight_decay_applies_to_matrices_only():
   mask = optim.weight_decay_mask(params)
   assert mask == {"h_0": {"c_fc": {"kernel": True, "bias": False}, "ln_1": {"scale": False}},
                   "wte": {"embedding": True}}
+
+
+def test_train_script_defaults_workdir_to_runs_config_name_and_resumes(tmp_path, tiny_text_file):
+  args = ["--config=" + str(REPO / "configs" / "shakespeare_char.py"),
+          f"--config.data.path={tiny_text_file}", "--config.model.n_layer=1",
+          "--config.model.n_head=2", "--config.model.n_embd=16", "--config.model.block_size=16",
+          "--config.model.dropout=0.0", "--config.train.batch_size=4",
+          "--config.train.num_steps=6", "--config.train.warmup_steps=2",
+          "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+          "--config.train.eval_batches=1", "--config.train.sample_tokens=8"]
+  first = run_script("train.py", *args, cwd=tmp_path)
+  assert first.returncode == 0, first.stderr
+  workdir = tmp_path / "runs" / "shakespeare_char"
+  assert "step 6: train" in first.stdout and (workdir / "checkpoints" / "6").is_dir()
+
+  again = run_script("train.py", *args[:-4], "--config.train.num_steps=9",
+                     "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+                     "--config.train.eval_batches=1", cwd=tmp_path)
+  assert again.returncode == 0, again.stderr
+  assert "resuming from step 6" in again.stdout and "step 9: train" in again.stdout
