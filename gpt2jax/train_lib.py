@@ -254,7 +254,10 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
                          val_windows, train_windows, log: metrics.MetricsLog,
                          console: metrics.Console) -> None:
   val_loss = evaluate(run, state.params, val_windows)
-  record = {"step": step, **record, "eval_train_loss": evaluate(run, state.params, train_windows),
+  eval_train_loss = evaluate(run, state.params, train_windows)
+  # Before the first step there is no running training loss: the evaluated one stands in.
+  record = {"step": step, "train_loss": eval_train_loss, **record,
+            "eval_train_loss": eval_train_loss,
             **metrics.loss_summary("val", val_loss, run.data.val.bytes_per_token)}
   log.write(record)
   console.print(f"step {step}: train {record['eval_train_loss']:.4f}, val {val_loss:.4f} "
