@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_documents = True  # before the split, so validation is a random sample
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32
+  config.train.batch_size = 32  # sequences per update, over all devices and micro-batches
+  config.train.grad_accum_steps = 1  # micro-batches of batch_size / grad_accum_steps each
   config.train.num_steps = 2000
   config.train.learning_rate = 1e-3
   config.train.min_learning_rate = 1e-4
@@ -59,4 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_prompt = ""  # "" starts samples from end-of-text
   config.train.sample_temperature = 0.8
   config.train.sample_top_k = 40
+
+  # Device mesh: how many devices split the batch (data: replicated parameters; fsdp:
+  # parameters and optimizer state sharded too). -1 takes all remaining devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
   return config
