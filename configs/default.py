@@ -33,7 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 'text' reads data.path (a file, a directory or a glob); 'hebrew' and 'english' are the
   # packaged offline corpora; several joined with '+' ('hebrew+english') share one tokenizer.
   config.data.corpus = "text"
-  config.data.path = ""
+  config.data.path = ""  # local or gs://
+  # 'tfds' reads a TensorFlow Datasets dataset as array_record (see gpt2jax/data/tfds_source.py).
+  config.data.tfds = ""  # e.g. 'tiny_shakespeare', 'wiki40b/he', 'lm1b'
+  config.data.tfds_split = "train"  # '+' joins splits, e.g. 'train+validation'
+  config.data.tfds_text_field = "text"
+  config.data.tfds_data_dir = ""  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.tfds_manual_dir = ""  # offline source files; default <data_dir>/downloads/manual
   config.data.separator = "\n\n"  # splits a text file into documents; "" keeps each file whole
   config.data.keep_niqqud = False  # Hebrew: keep vowel points and cantillation marks
   config.data.val_fraction = 0.1

@@ -45,6 +45,16 @@ CHIPS = {
 }
 
 
+class DoesNotFit(Exception):
+  """The compiler found the step needs more device memory than there is."""
+
+
+MEMORY_HINT = ("shard parameters and optimizer state with --config.mesh.fsdp=-1 "
+               "--config.mesh.data=1, lower --config.train.batch_size or raise "
+               "--config.train.grad_accum_steps, or recompute activations with "
+               "--config.model.remat=True")
+
+
 @dataclasses.dataclass
 class CompiledStep:
   executable: Callable
@@ -60,7 +70,13 @@ def compile_step(jitted, mesh, *abstract_args) -> CompiledStep:
   """
   started = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jitted.lower(*abstract_args).compile()
+    lowered = jitted.lower(*abstract_args)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e):
+        raise DoesNotFit(str(e).strip().splitlines()[0]) from e
+      raise
   seconds = time.perf_counter() - started
   return CompiledStep(compiled, seconds, _memory(compiled), _cost(compiled))
 
@@ -153,6 +169,9 @@ def startup_lines(mesh, state: Any, compiled: CompiledStep) -> list[str]:
 
 def topology_devices(topology: str) -> list:
   """Abstract devices of a TPU slice such as 'v5e:2x4', 'v4:2x2x2' or 'v5p:2x2x1'."""
+  # Only described, never run: other processes may use libtpu at the same time (libtpu
+  # otherwise holds a machine-wide lock file while loaded).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
 
@@ -202,6 +221,14 @@ def devices_per_chip(devices) -> int:
   """TensorCores exposed as separate devices per chip (1 with megacore)."""
   chips = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
   return max(1, len(devices) // max(len(chips), 1))
+
+
+def does_not_fit_lines(topology: str, devices, mesh, error: DoesNotFit) -> list[str]:
+  chip = chip_of(devices[0])
+  where = (f" in the {human_bytes(chip.hbm_bytes / devices_per_chip(devices))} HBM of a "
+           f"{chip.name} device" if chip else "")
+  return [f"{topology}: {parallel.describe_mesh(mesh)}",
+          f"does not fit{where}: {error}", f"to fit: {MEMORY_HINT}"]
 
 
 def topology_report(topology: str, devices, mesh, compiled: CompiledStep, num_params: int,

@@ -246,8 +246,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   else:
     state = steps.init(config.seed)
   batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
-  compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state, batch)
-  eval_step = aot.compile_step(steps.eval_step, mesh, steps.abstract_state.params, batch)
+  try:
+    compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state, batch)
+    eval_step = aot.compile_step(steps.eval_step, mesh, steps.abstract_state.params, batch)
+  except aot.DoesNotFit as e:
+    raise errors.UserError(f"The train step does not fit in device memory ({e}): "
+                           f"{aot.MEMORY_HINT}.") from e
   return Run(config, workdir, data, model, checkpoints, state, start_step, compiled.executable,
              eval_step.executable, is_writer, steps, compiled)
 
@@ -404,8 +408,11 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str | Path, topolog
   model = GPT(GPTConfig.from_config(config.model, _vocab_size_for_compile(config, Path(workdir))))
   steps = make_sharded_steps(config, model, mesh)
   t, cfg = config.train, model.config
-  compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state,
-                              steps.abstract_batch(t.batch_size, cfg.block_size))
+  try:
+    compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state,
+                                steps.abstract_batch(t.batch_size, cfg.block_size))
+  except aot.DoesNotFit as e:
+    return aot.does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
   params = steps.abstract_state.params
   flops_per_step = t.batch_size * cfg.block_size * aot.model_flops_per_token(
       count_params(params, non_embedding=True), cfg.n_layer, cfg.n_embd, cfg.block_size)
