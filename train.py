@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from gpt2jax import cli, parallel, train_lib
+from gpt2jax import aot, cli, parallel, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file from configs/; override values with --config.x.y=z.",
@@ -43,7 +43,7 @@ def compile_only(config, workdir) -> None:
 
     # The TPU is only described, never used: keep JAX off any accelerator backend.
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
-  for line in train_lib.compile_only(config, workdir, _TOPOLOGY.value):
+  for line in aot.compile_only(config, Path(workdir), _TOPOLOGY.value):
     print(line, flush=True)
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -271,3 +272,40 @@ def topology_report(topology: str, devices, mesh, compiled: CompiledStep, num_pa
     lines.append(f"no peak figures for {devices[0].device_kind!r}: no roofline estimate")
   return lines
 
+
+def _vocab_size_for_compile(config, workdir: Path) -> int:
+  """The workdir's tokenizer when it has one, else config.tokenizer.vocab_size (a char
+  vocabulary's true size is only known from the corpus)."""
+  from gpt2jax import tokenizer as tokenizer_lib
+  from gpt2jax.checkpoint import TOKENIZER_DIR
+
+  if (workdir / TOKENIZER_DIR / tokenizer_lib.TOKENIZER_JSON).exists():
+    return tokenizer_lib.load_tokenizer(workdir / TOKENIZER_DIR).vocab_size
+  return config.tokenizer.vocab_size
+
+
+def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
+  """Compiles the sharded train step -- for a TPU topology, or for this machine's devices --
+  without data or training, and returns the memory, FLOPs and roofline report."""
+  from gpt2jax import train_lib
+  from gpt2jax.model import GPT, GPTConfig, count_params
+
+  train_lib.validate_config(config)
+  devices = topology_devices(topology) if topology else jax.devices()
+  mesh = parallel.make_mesh(config.mesh, devices)
+  model = GPT(GPTConfig.from_config(config.model, _vocab_size_for_compile(config, Path(workdir))))
+  steps = train_lib.make_sharded_steps(config, model, mesh)
+  t, cfg = config.train, model.config
+  try:
+    compiled = compile_step(steps.train_step, mesh, steps.abstract_state,
+                            steps.abstract_batch(t.batch_size, cfg.block_size))
+  except DoesNotFit as e:
+    return does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
+  params = steps.abstract_state.params
+  flops_per_step = t.batch_size * cfg.block_size * model_flops_per_token(
+      count_params(params, non_embedding=True), cfg.n_layer, cfg.n_embd, cfg.block_size)
+  state_bytes = {"params": parallel.bytes_per_device(params),
+                 "opt_state": parallel.bytes_per_device(steps.abstract_state.opt_state)}
+  return topology_report(topology or devices[0].platform, devices, mesh, compiled,
+                         count_params(params), state_bytes, flops_per_step,
+                         has_loops=cfg.scan_layers or t.grad_accum_steps > 1)

@@ -17,9 +17,8 @@ import optax
 from gpt2jax import aot, errors, metrics, optim, parallel, sampling
 from gpt2jax import checkpoint as ckpt
 from gpt2jax.data import batches as batches_lib
-from gpt2jax.data.pipeline import PreparedData, prepare_data
+from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
-from gpt2jax.tokenizer import tokenizer_fingerprint
 
 
 @flax.struct.dataclass
@@ -204,27 +203,6 @@ def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None
     )
 
 
-def _prepare_data_on_every_process(config, workdir: Path, resuming: bool) -> PreparedData:
-  """Process 0 prepares the data first; the others then reuse its tokenizer and token cache
-  when the workdir is shared, or prepare their own copy, which must come out the same."""
-  if jax.process_count() == 1:
-    return prepare_data(config, workdir, reuse_tokenizer=resuming)
-  from jax.experimental import multihost_utils
-
-  if jax.process_index() == 0:
-    data = prepare_data(config, workdir, reuse_tokenizer=resuming)
-  multihost_utils.sync_global_devices("gpt2jax: data prepared on process 0")
-  if jax.process_index() != 0:
-    shared = (workdir / ckpt.TOKENIZER_DIR / "tokenizer.json").exists()
-    data = prepare_data(config, workdir, reuse_tokenizer=resuming or shared)
-  fingerprint = int(tokenizer_fingerprint(data.tokenizer)[:8], 16)
-  multihost_utils.assert_equal(
-      np.array([fingerprint, len(data.train.tokens), len(data.val.tokens)], np.int64),
-      "The processes prepared different data (tokenizer or token counts differ): give every "
-      "host the same corpus, or put the workdir on storage all hosts share.")
-  return data
-
-
 def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   validate_config(config)
   workdir = Path(workdir)
@@ -234,7 +212,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   _check_workdir(config, workdir, checkpoints)
   start_step = checkpoints.latest_step() or 0
   mesh = parallel.make_mesh(config.mesh)
-  data = _prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
+  data = prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
   model_config = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
   model = GPT(model_config)
   if is_writer:
@@ -387,37 +365,3 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
     console.print(f"--- sample at step {step} ---\n{text}\n---")
     metrics.append_sample(run.workdir, step, text)
 
-
-def _vocab_size_for_compile(config: ml_collections.ConfigDict, workdir: Path) -> int:
-  """The workdir's tokenizer when it has one, else config.tokenizer.vocab_size (a char
-  vocabulary's true size is only known from the corpus)."""
-  if (workdir / ckpt.TOKENIZER_DIR / "tokenizer.json").exists():
-    from gpt2jax.tokenizer import load_tokenizer
-
-    return load_tokenizer(workdir / ckpt.TOKENIZER_DIR).vocab_size
-  return config.tokenizer.vocab_size
-
-
-def compile_only(config: ml_collections.ConfigDict, workdir: str | Path, topology: str = ""
-                 ) -> list[str]:
-  """Compiles the sharded train step -- for a TPU topology, or for this machine's devices --
-  without data or training, and returns the memory, FLOPs and roofline report."""
-  validate_config(config)
-  devices = aot.topology_devices(topology) if topology else jax.devices()
-  mesh = parallel.make_mesh(config.mesh, devices)
-  model = GPT(GPTConfig.from_config(config.model, _vocab_size_for_compile(config, Path(workdir))))
-  steps = make_sharded_steps(config, model, mesh)
-  t, cfg = config.train, model.config
-  try:
-    compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state,
-                                steps.abstract_batch(t.batch_size, cfg.block_size))
-  except aot.DoesNotFit as e:
-    return aot.does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
-  params = steps.abstract_state.params
-  flops_per_step = t.batch_size * cfg.block_size * aot.model_flops_per_token(
-      count_params(params, non_embedding=True), cfg.n_layer, cfg.n_embd, cfg.block_size)
-  state_bytes = {"params": parallel.bytes_per_device(params),
-                 "opt_state": parallel.bytes_per_device(steps.abstract_state.opt_state)}
-  return aot.topology_report(topology or devices[0].platform, devices, mesh, compiled,
-                             count_params(params), state_bytes, flops_per_step,
-                             has_loops=cfg.scan_layers or t.grad_accum_steps > 1)

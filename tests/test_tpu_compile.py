@@ -61,10 +61,10 @@ def test_fsdp_step_compiles_for_a_tpu_slice_and_needs_less_memory_per_chip(confi
 
 
 def test_a_step_too_large_for_the_chip_is_reported_with_what_to_change(tmp_path):
-  from gpt2jax import train_lib
+  from gpt2jax import aot
 
   config = tiny_config(model__block_size=1024, train__batch_size=4096)
   config.tokenizer.vocab_size = 4096  # logits alone: 4096 x 1024 x 4096 floats, 64 GiB
-  lines = train_lib.compile_only(config, tmp_path, "v5e:2x2")
+  lines = aot.compile_only(config, tmp_path, "v5e:2x2")
   assert any(line.startswith("does not fit in the 16.00 GiB HBM of a v5e device") for line in lines)
   assert any("--config.mesh.fsdp=-1" in line for line in lines)

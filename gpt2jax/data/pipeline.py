@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from gpt2jax import tokenizer as tokenizer_lib
 from gpt2jax.checkpoint import DATA_DIR, TOKENIZER_DIR
 from gpt2jax.data import sources, tokens
@@ -60,3 +62,25 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   train, val = tokens.cached_splits(Path(workdir) / DATA_DIR, tokenizer, read, scan,
                                     train_chars, _split_settings(config.data))
   return PreparedData(tokenizer, train, val, scan.num_documents, scan.num_characters, trained)
+
+
+def prepare_data_on_every_process(config, workdir: Path, resuming: bool) -> PreparedData:
+  """Process 0 prepares the data first; the others then reuse its tokenizer and token cache
+  when the workdir is shared, or prepare their own copy, which must come out the same."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return prepare_data(config, workdir, reuse_tokenizer=resuming)
+  if jax.process_index() == 0:
+    data = prepare_data(config, workdir, reuse_tokenizer=resuming)
+  multihost_utils.sync_global_devices("gpt2jax: data prepared on process 0")
+  if jax.process_index() != 0:
+    shared = (Path(workdir) / TOKENIZER_DIR / tokenizer_lib.TOKENIZER_JSON).exists()
+    data = prepare_data(config, workdir, reuse_tokenizer=resuming or shared)
+  fingerprint = int(tokenizer_lib.tokenizer_fingerprint(data.tokenizer)[:8], 16)
+  multihost_utils.assert_equal(
+      np.array([fingerprint, len(data.train.tokens), len(data.val.tokens)], np.int64),
+      "The processes prepared different data (tokenizer or token counts differ): give every "
+      "host the same corpus, or put the workdir on storage all hosts share.")
+  return data
