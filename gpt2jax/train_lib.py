@@ -180,8 +180,8 @@ class Run:
   checkpoints: ckpt.Checkpoints
   state: TrainState
   start_step: int
-  train_step: Callable  # compiled ahead of time for the global batch
-  eval_step: Callable
+  train_step: Callable  # compiled ahead of time: a global batch (place_batch), this mesh
+  eval_step: Callable  # (params, global batch) -> loss
   is_writer: bool
   steps: ShardedSteps
   compiled: aot.CompiledStep
@@ -226,12 +226,11 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
   try:
     compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state, batch)
-    eval_step = aot.compile_step(steps.eval_step, mesh, steps.abstract_state.params, batch)
   except aot.DoesNotFit as e:
     raise errors.UserError(f"The train step does not fit in device memory ({e}): "
                            f"{aot.MEMORY_HINT}.") from e
   return Run(config, workdir, data, model, checkpoints, state, start_step, compiled.executable,
-             eval_step.executable, is_writer, steps, compiled)
+             parallel.under_mesh(mesh, steps.eval_step), is_writer, steps, compiled)
 
 
 def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
