@@ -9,8 +9,8 @@
 Orbax writes checkpoint N into `checkpoints/N.orbax-checkpoint-tmp/` and renames it to
 `checkpoints/N/` only when every item is written (the rename is the commit). A process killed
 during a save (kill -9 included) therefore leaves the earlier checkpoints as they were, plus at
-most an unfinished `*.orbax-checkpoint-tmp` directory, which listing and restoring ignore and
-the next training run removes. tests/test_robustness.py kills a run at each stage of a save to
+most an unfinished `N.orbax-checkpoint-tmp` directory, which listing and restoring ignore and
+the next training run removes (remove_unfinished_saves). tests/test_robustness.py kills a run at each stage of a save to
 check this. Only JSON, Orbax (tensorstore) files and the SentencePiece model are ever read
 from a workdir: nothing is unpickled.
 """
@@ -90,19 +90,29 @@ class Checkpoints:
 
   def __init__(self, workdir: Path, *, keep: int = 3, async_save: bool = True,
                for_training: bool = True):
-    """for_training=False only reads: it creates nothing and leaves unfinished saves alone
-    (a training run may be writing one right now)."""
+    """for_training=False only reads: it creates no directory."""
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
-    self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+    self.shown_directory = Path(workdir) / CHECKPOINT_DIR  # as the user named it, for messages
+    self.directory = self.shown_directory.absolute()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=for_training,
-            cleanup_tmp_directories=for_training),
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=for_training),
         item_names=("params", "opt_state", "meta"),
     )
+
+  def remove_unfinished_saves(self) -> list[str]:
+    """Deletes what saves cut short by a crash left (N.orbax-checkpoint-tmp/); their names.
+
+    Only the training run that holds the workdir's lock may call this: a save in progress
+    looks the same.
+    """
+    unfinished = self._ocp.path.step.all_temporary_paths(self.directory)
+    for temporary in unfinished:
+      temporary.get().rmtree()
+    return sorted(temporary.get().name for temporary in unfinished)
 
   def steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -111,7 +121,7 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def path(self, step: int) -> Path:
-    return self.directory / str(step)
+    return self.shown_directory / str(step)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving `state` (with .params and .opt_state); returns before it is written.
@@ -122,7 +132,7 @@ class Checkpoints:
     if not all_finite(state.params):
       raise errors.TrainingDiverged(
           f"Not saving checkpoint {step}: its parameters hold NaN or infinite values. The "
-          f"checkpoints already in {self.directory} are kept.")
+          f"checkpoints already in {self.shown_directory} are kept.")
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -130,7 +140,7 @@ class Checkpoints:
 
   def _check_step(self, step: int) -> None:
     if step not in self.steps():
-      raise errors.UserError(f"No checkpoint for step {step} in {self.directory}; "
+      raise errors.UserError(f"No checkpoint for step {step} in {self.shown_directory}; "
                              f"available steps: {self.steps() or 'none'}.")
 
   def _restore(self, step: int, **items) -> Any:

@@ -108,7 +108,7 @@ def parse_flags(argv: Sequence[str], *, config_flag: str = "config") -> list[str
   try:
     return flags.FLAGS(list(argv))
   except flags.Error as e:
-    _fail(f"{_flag_error_message(str(e))} (--helpfull lists the flags)", verbose=verbose)
+    _fail(_flag_error_message(str(e)), verbose=verbose)
   except (AttributeError, KeyError) as e:
     message = _unknown_key_message(e, argv, config_flag)
     if message is None:
@@ -121,23 +121,33 @@ def parse_flags(argv: Sequence[str], *, config_flag: str = "config") -> list[str
   raise AssertionError("unreachable")
 
 
+# absl's reasons for a value it cannot parse, and what was expected instead.
+_EXPECTED = (
+    ("invalid literal for int()", "an integer"),
+    ("could not convert string to float", "a number"),
+    ("Non-boolean argument to boolean flag", "true or false"),
+)
+
+
 def _flag_error_message(message: str) -> str:
-  """absl's 'flag --x=v: reason' as '--x=v: reason', in one line.
+  """absl's 'flag --x=v: reason' in one line that says what was expected.
 
   A config file that raised TypeError or ValueError arrives here with its whole traceback in
   the message; its last line says what went wrong.
   """
   lines = [line for line in message.strip().splitlines() if line.strip()]
   first = lines[0][len("flag "):] if lines[0].startswith("flag ") else lines[0]
+  flag, _, reason = first.partition(": ")
   missing = re.search(r"Flag --(\w+) must have a value other than None", first)
   if missing:
     return f"--{missing.group(1)} is required" + (
-        " (a recipe such as --config=configs/shakespeare_char.py)"
-        if missing.group(1) == "config" else "")
-  if "Error whilst parsing config file" in first:
-    flag = first.split(":", 1)[0]
+        ", e.g. --config=configs/shakespeare_char.py" if missing.group(1) == "config" else ".")
+  if "Error whilst parsing config file" in reason:
     return f"{flag} could not be loaded: {lines[-1].strip()}"
-  return first
+  for absl_reason, expected in _EXPECTED:
+    if absl_reason in reason:
+      return f"{flag}: expected {expected}."
+  return f"{first} (--helpfull lists the flags)"
 
 
 def resume_command(argv: Sequence[str], workdir: str | os.PathLike) -> str:

@@ -79,5 +79,5 @@ def check_batch_divides(batch_size: int, data_parallel: int, *, grad_accum_steps
         if grad_accum_steps > 1 else f"train.batch_size={batch_size}"
     suggestion = -(-micro_batch // shards) * shards * grad_accum_steps
     raise UserError(f"The {per} is not divisible by the {shards}-way data parallelism of the "
-                    f"mesh: use a multiple of {shards}, e.g. --config.train.batch_size="
+                    f"mesh: make it a multiple of {shards}, e.g. --config.train.batch_size="
                     f"{suggestion}.")

@@ -318,6 +318,8 @@ def _train(run: Run, resume_command: str) -> TrainState:
       jax.process_index(), jax.process_count())
   if run.is_writer:
     ckpt.save_config(run.workdir, config)  # only once the config has proved usable
+    for name in run.checkpoints.remove_unfinished_saves():
+      console.print(f"removed {name}: a save that an earlier run did not finish")
   log = metrics.MetricsLog(run.workdir, keep_through_step=run.start_step or None,
                            enabled=run.is_writer)
   tokens_per_step = t.batch_size * config.model.block_size
