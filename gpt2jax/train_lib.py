@@ -97,7 +97,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(f"train.{key} must be at least 1, got {t[key]}.")
   if t.learning_rate <= 0:
     raise errors.UserError(f"train.learning_rate must be positive, got {t.learning_rate}.")
-  GPTConfig.from_config(config.model, vocab_size=1)  # the shape checks, before any work
+  # The model's and the schedule's own checks, before any work is done or file written.
+  GPTConfig.from_config(config.model, vocab_size=1)
+  optim.learning_rate_schedule(t)
 
 
 @dataclasses.dataclass
@@ -291,12 +293,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   with ckpt.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     run = setup_run(config, workdir)
     try:
-      return _train(run, resume_command)
+      with preemption.StopRequests(announce=run.is_writer) as stop_requests:
+        return _train(run, stop_requests, resume_command)
     finally:
       run.checkpoints.close()  # waits for a save in flight, also when stopping on an error
 
 
-def _train(run: Run, resume_command: str) -> TrainState:
+def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
+           ) -> TrainState:
   config = run.config
   t = config.train
   console = metrics.Console(total=t.num_steps, initial=run.start_step, enabled=run.is_writer)
@@ -332,36 +336,34 @@ def _train(run: Run, resume_command: str) -> TrainState:
     _evaluate_and_report(run, state, 0, {}, val_windows, train_windows, log, console)
   interval.restart_clock()
   stopping = False
-  with preemption.StopRequests(announce=run.is_writer) as stop_requests:
-    while step < t.num_steps and not stopping:
-      state, step_metrics = run.train_step(state, jnp.asarray(train_batches.batch(step)))
-      interval.add(step_metrics)
-      step += 1
-      console.step()
-      stopping = stop_requests.should_stop(step)
-      is_eval = step % t.eval_every == 0 or step == t.num_steps
-      is_log = step % t.log_every == 0 or is_eval
-      is_save = step % t.checkpoint_every == 0 or step == t.num_steps or stopping
-      if is_log or is_save:
-        guard.check(interval, step)  # before anything is logged or saved
-      if is_log:
-        record = {"step": step, **interval.summary(tokens_per_step, count_skipped=guard.skip),
-                  "epoch": train_batches.epoch(step),
-                  "elapsed_seconds": time.perf_counter() - run_started}
-        console.progress(step, record)
-        if is_eval:
-          _evaluate_and_report(run, state, step, record, val_windows, train_windows, log,
-                               console)
-        else:
-          log.write(record)
-        interval.reset()
-      if is_save:
-        run.checkpoints.save(step, state, {
-            "step": step, "tokens_seen": step * tokens_per_step,
-            "elapsed_seconds": time.perf_counter() - run_started,
-            "pending_metrics": interval.pending()})
-      if is_log:
-        interval.restart_clock()  # evaluation, sampling and saving are not training time
+  while step < t.num_steps and not stopping:
+    state, step_metrics = run.train_step(state, jnp.asarray(train_batches.batch(step)))
+    interval.add(step_metrics)
+    step += 1
+    console.step()
+    stopping = stop_requests.should_stop(step)
+    is_eval = step % t.eval_every == 0 or step == t.num_steps
+    is_log = step % t.log_every == 0 or is_eval
+    is_save = step % t.checkpoint_every == 0 or step == t.num_steps or stopping
+    if is_log or is_save:
+      guard.check(interval, step)  # before anything is logged or saved
+    if is_log:
+      record = {"step": step, **interval.summary(tokens_per_step, count_skipped=guard.skip),
+                "epoch": train_batches.epoch(step),
+                "elapsed_seconds": time.perf_counter() - run_started}
+      console.progress(step, record)
+      if is_eval:
+        _evaluate_and_report(run, state, step, record, val_windows, train_windows, log, console)
+      else:
+        log.write(record)
+      interval.reset()
+    if is_save:
+      run.checkpoints.save(step, state, {
+          "step": step, "tokens_seen": step * tokens_per_step,
+          "elapsed_seconds": time.perf_counter() - run_started,
+          "pending_metrics": interval.pending()})
+    if is_log:
+      interval.restart_clock()  # evaluation, sampling and saving are not training time
   run.checkpoints.wait()
   console.close()
   if run.is_writer:
