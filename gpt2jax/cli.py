@@ -12,7 +12,7 @@ import re
 import shlex
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from absl import flags, logging
 
@@ -22,7 +22,7 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
-def _fail(message: str, *, verbose: bool) -> None:
+def _fail(message: str, *, verbose: bool) -> NoReturn:
   if verbose and sys.exc_info()[0] is not None:
     traceback.print_exc()
   print(f"error: {message}", file=sys.stderr, flush=True)
@@ -115,10 +115,11 @@ def parse_flags(argv: Sequence[str], *, config_flag: str = "config") -> list[str
       raise
     _fail(message, verbose=verbose)
   except Exception as e:  # the config file itself raised (syntax error, bad import, ...)
-    _fail(f"--{config_flag}={config_file} could not be loaded: {type(e).__name__}: "
-          f"{_root_error(e).splitlines()[0] if _root_error(e) else ''} "
+    if config_file is None:
+      raise
+    reason = (_root_error(e).splitlines() or [""])[0]
+    _fail(f"--{config_flag}={config_file} could not be loaded: {type(e).__name__}: {reason} "
           "(--verbose shows the traceback)", verbose=verbose)
-  raise AssertionError("unreachable")
 
 
 # absl's reasons for a value it cannot parse, and what was expected instead.
