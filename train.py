@@ -1,8 +1,10 @@
 """Train a GPT-2: python train.py --config=configs/hebrew.py [--workdir=runs/hebrew].
 
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's latest checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint after the current step and exits 0 (a second one aborts at once).
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -29,8 +31,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   cli.run_main(
-      lambda: train_lib.train_and_evaluate(_CONFIG.value, workdir), verbose=_VERBOSE.value)
+      lambda: train_lib.train_and_evaluate(
+          _CONFIG.value, workdir, resume_command=cli.resume_command(sys.argv, workdir)),
+      verbose=_VERBOSE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -118,6 +118,6 @@ def load_documents(data_config) -> list[str]:
   docs = [normalize_text(d) for d in docs if d.strip()]
   if not docs:
     raise errors.UserError(f"The corpus {data_config.corpus!r} is empty"
-                           + (f" (data.path={data_config.path!r})." if "text" in data_config.corpus
-                              else "."))
+                           + (f" (data.path={data_config.path!r}): point --config.data.path at "
+                              "text to train on." if "text" in data_config.corpus else "."))
   return docs
