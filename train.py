@@ -1,10 +1,12 @@
 """Train a GPT-2: python train.py --config=configs/hebrew.py [--workdir=runs/hebrew].
 
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's latest checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint after the current step and exits 0 (a second one aborts at once).
 `--compile_only --topology=v5e:2x4` compiles the sharded train step for a TPU slice and
 reports its memory and estimated step time, without a TPU (needs requirements-tpu.txt).
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -49,7 +51,8 @@ def compile_only(config, workdir) -> None:
 
 def train(config, workdir) -> None:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_lib.train_and_evaluate(config, workdir)
+  train_lib.train_and_evaluate(config, workdir,
+                               resume_command=cli.resume_command(sys.argv, workdir))
 
 
 def main(argv):
@@ -64,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.beta1 = 0.9
   config.train.beta2 = 0.99
   config.train.grad_clip = 1.0
+  config.train.skip_nonfinite = False  # skip a NaN/inf update instead of stopping the run
   config.train.eval_every = 250
   config.train.eval_batches = 20
   config.train.checkpoint_every = 500

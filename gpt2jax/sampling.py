@@ -225,7 +225,7 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
   config = ckpt.load_config(workdir)
   tokenizer = load_tokenizer(workdir / ckpt.TOKENIZER_DIR)
   model = GPT(GPTConfig.from_config(config.model, tokenizer.vocab_size))
-  checkpoints = ckpt.Checkpoints(workdir, async_save=False)
+  checkpoints = ckpt.Checkpoints(workdir, async_save=False, for_training=False)
   if step is None:
     step = checkpoints.latest_step()
     if step is None:

@@ -248,7 +248,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
   if meta["kind"] == "char":
     tokenizer = CharTokenizer(meta["chars"])
   elif meta["kind"] == "bpe":
-    tokenizer = SentencePieceTokenizer((directory / meta["model_file"]).read_bytes())
+    model_file = str(meta["model_file"])
+    if Path(model_file).name != model_file:  # a workdir's files never point outside it
+      raise errors.UserError(f"{meta_path}: model_file {model_file!r} must be a file name in "
+                             f"{directory}.")
+    tokenizer = SentencePieceTokenizer((directory / model_file).read_bytes())
   else:
     raise errors.UserError(f"{meta_path} names an unknown tokenizer kind {meta['kind']!r}.")
   if (tokenizer.eos_id, tokenizer.pad_id) != (meta["eos_id"], meta["pad_id"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import optax
 
 from gpt2jax import aot, errors, metrics, optim, parallel, sampling
 from gpt2jax import checkpoint as ckpt
+from gpt2jax import preemption
 from gpt2jax.data import batches as batches_lib
 from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
@@ -64,12 +66,16 @@ def micro_batches(batch, grad_accum_steps: int):
 
 
 def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1) -> Callable:
+                    schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, *,
+                    skip_nonfinite: bool = False) -> Callable:
   """train_step(state, batch [B, T+1] int32) -> (state, metrics); pure, ready for jit.
 
   With grad_accum_steps > 1 the batch is processed as that many micro-batches under
   `lax.scan`, summing float32 gradients: the same update as one batch of B, in the memory
   of B / grad_accum_steps.
+
+  metrics["nonfinite"] flags a NaN/inf loss or gradient norm; with skip_nonfinite such an
+  update is not applied (the step still counts, so the batches stay those of a clean run).
   """
   dropout_key = jax.random.key(seed + 1)
 
@@ -100,8 +106,14 @@ def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
       loss, grads = accumulated_loss_and_grads(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                    "learning_rate": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    if skip_nonfinite:
+      keep_old = lambda new, old: jnp.where(nonfinite, old, new)
+      params = jax.tree.map(keep_old, params, state.params)
+      opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    step_metrics = {"loss": loss, "grad_norm": grad_norm,
+                    "learning_rate": schedule(state.step), "nonfinite": nonfinite}
     return TrainState(state.step + 1, params, opt_state), step_metrics
 
   return train_step
@@ -125,6 +137,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(f"train.{key} must be at least 1, got {t[key]}.")
   if t.learning_rate <= 0:
     raise errors.UserError(f"train.learning_rate must be positive, got {t.learning_rate}.")
+  # The model's and the schedule's own checks, before any work is done or file written.
+  GPTConfig.from_config(config.model, vocab_size=1)
+  optim.learning_rate_schedule(t)
 
 
 @dataclasses.dataclass
@@ -158,7 +173,8 @@ def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
   batch_sharding = parallel.batch_sharding(mesh)
   scalar = parallel.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(model, optimizer, schedule, config.seed, t.grad_accum_steps),
+      make_train_step(model, optimizer, schedule, config.seed, t.grad_accum_steps,
+                      skip_nonfinite=t.get("skip_nonfinite", False)),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, scalar),
       donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model),
@@ -183,6 +199,7 @@ class Run:
   train_step: Callable  # compiled ahead of time: a global batch (place_batch), this mesh
   eval_step: Callable  # (params, global batch) -> loss
   is_writer: bool
+  resume_meta: dict  # the `meta` of the checkpoint resumed from ({} for a fresh run)
   steps: ShardedSteps
   compiled: aot.CompiledStep
 
@@ -212,15 +229,16 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   _check_workdir(config, workdir, checkpoints)
   start_step = checkpoints.latest_step() or 0
   mesh = parallel.make_mesh(config.mesh)
+  t = config.train
+  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)  # before any data work
   data = prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
   model_config = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
   model = GPT(model_config)
-  if is_writer:
-    ckpt.save_config(workdir, config)
 
   steps = make_sharded_steps(config, model, mesh)
+  resume_meta = {}
   if start_step:  # restored straight onto this mesh, whatever mesh saved it
-    state, _ = checkpoints.restore(start_step, steps.abstract_state)
+    state, resume_meta = checkpoints.restore(start_step, steps.abstract_state)
   else:
     state = steps.init(config.seed)
   batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
@@ -230,7 +248,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     raise errors.UserError(f"The train step does not fit in device memory ({e}): "
                            f"{aot.MEMORY_HINT}.") from e
   return Run(config, workdir, data, model, checkpoints, state, start_step, compiled.executable,
-             parallel.under_mesh(mesh, steps.eval_step), is_writer, steps, compiled)
+             parallel.under_mesh(mesh, steps.eval_step), is_writer, resume_meta, steps,
+             compiled)
 
 
 def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
@@ -266,29 +285,116 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
 
 
 class _Interval:
-  """Accumulates per-step metrics on device; reads them only when a log line is due."""
+  """Per-step metrics since the last log line: kept on device, read at log and save points.
 
-  def __init__(self):
-    self.reset()
+  A checkpoint carries the steps of an unfinished interval (meta["pending_metrics"]), so a
+  run resumed from it logs exactly the numbers the uninterrupted run logs.
+  """
+
+  def __init__(self, pending: list[dict] = ()):
+    # float32 again, as they came from the device, so that means are computed alike.
+    self._host = [{k: np.float32(v) for k, v in m.items()} for m in pending]
+    self._device: list[dict] = []
+    self.checked = 0  # how many of the steps the non-finite guard has seen
+    self.restart_clock()
+
+  def restart_clock(self):
+    self.started = time.perf_counter()
+    self.timed_steps = 0
 
   def reset(self):
-    self.step_metrics: list[dict] = []
-    self.started = time.perf_counter()
+    self._host, self._device, self.checked = [], [], 0
+    self.restart_clock()
 
-  def summary(self, tokens_per_step: int) -> dict:
-    host = jax.device_get(self.step_metrics)
+  def add(self, step_metrics: dict):
+    self._device.append(step_metrics)
+    self.timed_steps += 1
+
+  def host(self) -> list[dict]:
+    if self._device:
+      self._host += jax.device_get(self._device)
+      self._device = []
+    return self._host
+
+  def pending(self) -> list[dict]:
+    """The steps not yet logged, as JSON numbers (float32 values convert exactly)."""
+    return [{k: float(v) for k, v in m.items()} for m in self.host()]
+
+  def summary(self, tokens_per_step: int, *, count_skipped: bool = False) -> dict:
+    host = self.host()
+    applied = [m for m in host if not m["nonfinite"]]
     seconds = time.perf_counter() - self.started
-    return {
-        "train_loss": float(np.mean([m["loss"] for m in host])),
-        "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+    record = {
+        "train_loss": float(np.mean([m["loss"] for m in applied])) if applied else math.nan,
+        "grad_norm": float(np.mean([m["grad_norm"] for m in applied])) if applied else math.nan,
         "learning_rate": float(host[-1]["learning_rate"]),
-        "tokens_per_second": tokens_per_step * len(host) / max(seconds, 1e-9),
+        "tokens_per_second": tokens_per_step * self.timed_steps / max(seconds, 1e-9),
     }
+    if count_skipped:
+      record["skipped_updates"] = len(host) - len(applied)
+    return record
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-  """Trains (or resumes) the run in workdir up to config.train.num_steps."""
-  run = setup_run(config, workdir)
+class _NonfiniteGuard:
+  """Stops training at the first NaN/inf loss or gradient norm, before it is checkpointed.
+
+  It reads the per-step flags only where the loop reads metrics anyway (log lines, saves).
+  With train.skip_nonfinite such updates were skipped inside the step; the guard stops only
+  when MAX_SKIPPED_IN_A_ROW of them come in a row (the run is not recovering).
+  """
+
+  MAX_SKIPPED_IN_A_ROW = 20
+
+  def __init__(self, run: Run):
+    self.run = run
+    self.skip = bool(run.config.train.get("skip_nonfinite", False))
+    self.skipped_in_a_row = 0
+
+  def check(self, interval: _Interval, step: int) -> None:
+    host = interval.host()
+    for i in range(interval.checked, len(host)):
+      if not host[i]["nonfinite"]:
+        self.skipped_in_a_row = 0
+        continue
+      self.skipped_in_a_row += 1
+      if not self.skip or self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
+        self._stop(step - len(host) + 1 + i, host[i])
+    interval.checked = len(host)
+
+  def _stop(self, bad_step: int, step_metrics: dict) -> None:
+    run, latest = self.run, self.run.checkpoints.latest_step()
+    raise errors.TrainingDiverged(errors.divergence_message(
+        bad_step, float(step_metrics["loss"]), float(step_metrics["grad_norm"]),
+        str(run.checkpoints.path(latest)) if latest else None,
+        learning_rate=run.config.train.learning_rate, dtype=run.config.model.dtype,
+        skipped_in_a_row=self.skipped_in_a_row if self.skip else 0))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       resume_command: str = "") -> TrainState:
+  """Trains (or resumes) the run in workdir up to config.train.num_steps.
+
+  SIGTERM or SIGINT stops it after the current step with a checkpoint (gpt2jax.preemption);
+  resume_command is the command shown for resuming. A NaN or infinite loss stops it with
+  errors.TrainingDiverged, keeping the last good checkpoint.
+  """
+  validate_config(config)
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise errors.UserError(f"--workdir {workdir} is a file, not a directory.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  with ckpt.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    run = setup_run(config, workdir)
+    try:
+      with preemption.StopRequests(announce=run.is_writer) as stop_requests:
+        return _train(run, stop_requests, resume_command)
+    finally:
+      run.checkpoints.close()  # waits for a save in flight, also when stopping on an error
+
+
+def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
+           ) -> TrainState:
+  config = run.config
   t = config.train
   console = metrics.Console(total=t.num_steps, initial=run.start_step, enabled=run.is_writer)
   _startup_report(run, console)
@@ -307,24 +413,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   train_windows = batches_lib.eval_batches(
       run.data.train.tokens, config.model.block_size, t.batch_size, t.eval_batches,
       jax.process_index(), jax.process_count())
+  if run.is_writer:
+    ckpt.save_config(run.workdir, config)  # only once the config has proved usable
+    for name in run.checkpoints.remove_unfinished_saves():
+      console.print(f"removed {name}: a save that an earlier run did not finish")
   log = metrics.MetricsLog(run.workdir, keep_through_step=run.start_step or None,
                            enabled=run.is_writer)
   tokens_per_step = t.batch_size * config.model.block_size
 
   state, step = run.state, run.start_step
-  interval = _Interval()
-  run_started = time.perf_counter()
+  interval = _Interval(run.resume_meta.get("pending_metrics", []))
+  guard = _NonfiniteGuard(run)
+  run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
   if step == 0:
     _evaluate_and_report(run, state, 0, {}, val_windows, train_windows, log, console)
-  interval.reset()
-  while step < t.num_steps:
+  interval.restart_clock()
+  stopping = False
+  while step < t.num_steps and not stopping:
     state, step_metrics = run.train_step(state, run.place_batch(train_batches.batch(step)))
-    interval.step_metrics.append(step_metrics)
+    interval.add(step_metrics)
     step += 1
     console.step()
+    stopping = stop_requests.should_stop(step)
     is_eval = step % t.eval_every == 0 or step == t.num_steps
-    if step % t.log_every == 0 or is_eval:
-      record = {"step": step, **interval.summary(tokens_per_step),
+    is_log = step % t.log_every == 0 or is_eval
+    is_save = step % t.checkpoint_every == 0 or step == t.num_steps or stopping
+    if is_log or is_save:
+      guard.check(interval, step)  # before anything is logged or saved
+    if is_log:
+      record = {"step": step, **interval.summary(tokens_per_step, count_skipped=guard.skip),
                 "epoch": train_batches.epoch(step),
                 "elapsed_seconds": time.perf_counter() - run_started}
       console.progress(step, record)
@@ -332,14 +449,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         _evaluate_and_report(run, state, step, record, val_windows, train_windows, log, console)
       else:
         log.write(record)
-    if step % t.checkpoint_every == 0 or step == t.num_steps:
-      run.checkpoints.save(step, state, {"step": step, "tokens_seen": step * tokens_per_step})
-    if step % t.log_every == 0 or is_eval:
-      interval.reset()  # evaluation and sampling time is not training time
-  run.checkpoints.close()
+      interval.reset()
+    if is_save:
+      run.checkpoints.save(step, state, {
+          "step": step, "tokens_seen": step * tokens_per_step,
+          "elapsed_seconds": time.perf_counter() - run_started,
+          "pending_metrics": interval.pending()})
+    if is_log:
+      interval.restart_clock()  # evaluation, sampling and saving are not training time
+  run.checkpoints.wait()
   console.close()
   if run.is_writer:
-    print(f"trained to step {step}; checkpoints in {run.checkpoints.directory}", flush=True)
+    if step < t.num_steps:
+      print(f"Stopped by {stop_requests.reason()} after step {step} of {t.num_steps}; "
+            f"checkpoint saved in {run.checkpoints.path(step)}.\nTo resume, run the same "
+            f"command again{': ' + resume_command if resume_command else '.'}", flush=True)
+    else:
+      print(f"trained to step {step}; checkpoints in {run.checkpoints.directory}", flush=True)
   return state
 
 

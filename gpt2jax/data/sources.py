@@ -194,8 +194,8 @@ def iter_documents(data_config) -> Iterator[str]:
 
 def empty_corpus_error(data_config) -> errors.UserError:
   return errors.UserError(f"The corpus {data_config.corpus!r} is empty"
-                          + (f" (data.path={data_config.path!r})."
-                             if "text" in data_config.corpus else "."))
+                          + (f" (data.path={data_config.path!r}): point --config.data.path at "
+                             "text to train on." if "text" in data_config.corpus else "."))
 
 
 def load_documents(data_config) -> list[str]:
