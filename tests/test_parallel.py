@@ -209,15 +209,13 @@ def test_bfloat16_trains_close_to_float32():
   assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < 0.1 * fp32[-5:].mean()
 
 
-def test_bfloat16_computes_in_bfloat16_with_float32_logits():
+def test_bfloat16_really_computes_in_bfloat16():
   model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16,
                         dtype="bfloat16"))
   tokens = jnp.zeros((2, 16), jnp.int32)
-  params = model.init(jax.random.key(0), tokens)["params"]
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
   hlo = jax.jit(lambda p: model.apply({"params": p}, tokens)[0]).lower(params).as_text()
-  assert "bf16" in hlo
-  logits, _ = model.apply({"params": params}, tokens)
-  assert logits.dtype == jnp.float32
+  assert "bf16" in hlo  # float32 parameters and logits are tested in test_model.py
 
 
 def test_mesh_sizes_take_the_remaining_devices_and_reject_bad_shapes():
