@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -386,7 +387,8 @@ def _metrics_log(run: Run) -> metrics.MetricsLog:
           count_params(run.state.params, non_embedding=True), cfg.n_layer, cfg.n_embd,
           cfg.block_size),
       peak_flops=metrics.peak_flops_per_second([d.device_kind for d in jax.devices()]))
-  log.write_text("config", run.config.to_json(indent=1), run.start_step)
+  log.write_text("config", json.dumps(run.config.to_dict(), indent=1, ensure_ascii=False),
+                 run.start_step)
   return log
 
 

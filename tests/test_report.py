@@ -34,11 +34,15 @@ def test_training_writes_tensorboard_events_with_every_metric(trained_workdir):
               "speed/tokens_per_second", "speed/model_tflops_per_second"):
     assert tag in scalars, tag
   records = metrics.read_metrics(trained_workdir)
+  for key in ("tokens_seen", "eval_train_bits_per_byte", "model_tflops_per_second"):
+    assert key in records[-1], key
   val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
   logged = [(e.step, e.value) for e in events.Scalars("val/loss")]
   assert [s for s, _ in logged] == [s for s, _ in val] == [0, 20, 40]
   assert [v for _, v in logged] == pytest.approx([v for _, v in val], rel=1e-6)
   assert {"samples/text_summary", "config/text_summary"} <= set(events.Tags()["tensors"])
+  config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
+  assert json.loads(config_text.decode("utf-8").strip("`\n"))["model"]["n_embd"] == 32
   sample = events.Tensors("samples/text_summary")[-1]
   assert sample.step == 40
   assert sample.tensor_proto.string_val[0].decode("utf-8").strip("`\n") in (
