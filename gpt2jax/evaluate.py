@@ -29,7 +29,10 @@ def _evaluate() -> None:
   if _BATCH_SIZE.value < 1:
     raise errors.UserError(f"--batch_size must be at least 1, got {_BATCH_SIZE.value}.")
   text = scoring.read_text_file(_TEXT_FILE.value)
-  workdir = _WORKDIR.value or sampling.find_latest_run()
+  workdir = _WORKDIR.value
+  if workdir is None:
+    workdir = sampling.find_latest_run()
+    print(f"evaluating {workdir} (the most recently trained run)", file=sys.stderr)
   loaded = sampling.load_model(workdir, _STEP.value)
   block = loaded.model.config.block_size
   stride = _STRIDE.value or max(1, block // 4)
