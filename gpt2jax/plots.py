@@ -1,9 +1,11 @@
 """Pictures of a run: loss curves (plots/loss.png) and attention heatmaps over a prompt.
 
-Headless: figures are drawn with matplotlib's Agg canvas, never a window. Matplotlib lays out
-text left to right in the order it is given, so right-to-left labels (Hebrew, Arabic) are
-reordered into their visual form with python-bidi first, and a font that has their glyphs is
-looked for (matplotlib's own DejaVu Sans covers Hebrew).
+Headless: figures are drawn with matplotlib's Agg canvas, never a window. Right-to-left
+labels (Hebrew, Arabic) must read right to left: matplotlib 3.11 and later lay text out with
+libraqm, which applies the Unicode bidi algorithm itself, so they get the text as it is;
+older matplotlib draws characters left to right in the order given, so they get the visual
+order computed by python-bidi. A font that has the labels' glyphs is looked for (matplotlib's
+own DejaVu Sans covers Hebrew).
 
 On demand: python -m gpt2jax.plots --workdir=runs/hebrew
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -113,17 +116,31 @@ def _save(fig, path: Path, dpi: int = 100) -> Path:
 
 # ---- Labels in any script ----------------------------------------------------------------
 
-def visual_label(text: str) -> str:
-  """The string in display order: right-to-left runs reversed as the Unicode bidi algorithm
-  lays them out, so that matplotlib, which draws characters left to right, shows it right."""
+def visual_order(text: str) -> str:
+  """The characters in display order, as the Unicode bidi algorithm lays them out left to
+  right (right-to-left runs reversed)."""
   from bidi import get_display
 
   return get_display(text)
 
 
+def matplotlib_applies_bidi() -> bool:
+  """True when matplotlib reorders bidirectional text itself (libraqm text layout, 3.11+)."""
+  from matplotlib import ft2font
+
+  return hasattr(ft2font, "__libraqm_version__")
+
+
+def label_text(text: str) -> str:
+  """The string to hand matplotlib so that the text reads in its own direction: the text
+  itself where matplotlib applies the bidi algorithm, else its visual order (reordering
+  twice would turn it back to front)."""
+  return text if matplotlib_applies_bidi() else visual_order(text)
+
+
 def token_label(token: str) -> str:
-  """A token as an axis label: whitespace made visible, then in visual order."""
-  return visual_label(token.translate(VISIBLE_WHITESPACE))
+  """A token as an axis label: whitespace made visible, ready for matplotlib."""
+  return label_text(token.translate(VISIBLE_WHITESPACE))
 
 
 def is_right_to_left(text: str) -> bool:
@@ -197,7 +214,7 @@ def attention_figure(weights: np.ndarray, tokens: Sequence[str], *, title: str,
   labels = [token_label(t) for t in tokens]
   family = font_for(labels, warn)
   n = len(tokens)
-  columns = min(len(heads), 4)
+  columns = math.ceil(math.sqrt(len(heads)))
   rows = -(-len(heads) // columns)
   panel = min(max(4.0, 0.25 * n + 1.5), 14.0 if len(heads) == 1 else 7.0)
   fig = _figure(panel * columns + 1.2, panel * rows + 0.8)
@@ -222,10 +239,13 @@ def attention_figure(weights: np.ndarray, tokens: Sequence[str], *, title: str,
     if right_to_left:
       ax.invert_xaxis()
       ax.yaxis.tick_right()
+      ax.yaxis.set_label_position("right")
     ax.tick_params(length=2, pad=1)
-  fig.supxlabel("attended-to token (key)" + ("; the text runs right to left" if right_to_left
-                                            else ""), fontsize=10)
-  fig.supylabel("attending token (query)", fontsize=10)
+    if bottom:
+      ax.set_xlabel("attended-to token (key)" + (", right to left" if right_to_left else ""),
+                    fontsize=9)
+    if outer_column:
+      ax.set_ylabel("attending token (query)", fontsize=9)
   fig.colorbar(image, ax=axes.ravel()[:len(heads)].tolist(), shrink=0.6,
                label="attention weight")
   fig.suptitle(title, fontsize=11)
