@@ -151,8 +151,7 @@ class TensorBoard:
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
         self._writer.add_scalar(TENSORBOARD_TAGS.get(key, f"other/{key}"), value, step)
-    if "val_loss" in record:
-      self._writer.flush()  # evaluations are rare: make them visible at once
+    self._writer.flush()  # once per log line: cheap, and nothing is lost if the run dies
 
   def text(self, tag: str, text: str, step: int) -> None:
     # TensorBoard renders text as Markdown; a fenced block keeps newlines and spacing.
@@ -237,8 +236,8 @@ def _mean_tokens_per_second(records: Sequence[dict], tokens_per_step: int) -> fl
 
 
 def _wall_seconds(records: Sequence[dict]) -> float:
-  """Wall time of the run, summed over its sessions (elapsed_seconds restarts at 0 in a
-  resumed session)."""
+  """Wall time of the run: its last elapsed_seconds (a resumed run counts on from its
+  checkpoint), plus that of earlier sessions where elapsed_seconds started again from 0."""
   total = session_end = 0.0
   for r in records:
     elapsed = r.get("elapsed_seconds")
