@@ -1,11 +1,14 @@
-"""Generate text from a trained run: python sample.py --prompt="..." [--workdir=runs/hebrew]."""
+"""Generate text from a trained run: python sample.py --prompt="..." [--workdir=runs/hebrew].
+
+With --attention_plot=attn.png it draws the attention weights over the prompt instead.
+"""
 
 import sys
 from pathlib import Path
 
 from absl import app, flags
 
-from gpt2jax import cli, errors, sampling
+from gpt2jax import cli, errors, plots, sampling
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run to sample from. Default: the most recently trained run in runs/.")
@@ -22,6 +25,12 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load. Default: the latest.")
 _USE_CACHE = flags.DEFINE_bool("use_cache", True, "Decode with the KV cache (fast).")
+_ATTENTION_PLOT = flags.DEFINE_string(
+    "attention_plot", None, "Instead of sampling, draw the attention weights of --layer and "
+    "--head over the prompt's tokens into this PNG file.")
+_LAYER = flags.DEFINE_integer("layer", 0, "With --attention_plot: the layer, counting from 0.")
+_HEAD = flags.DEFINE_string(
+    "head", "all", "With --attention_plot: the head, counting from 0, or 'all' for a grid.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 
@@ -41,6 +50,9 @@ def _sample() -> None:
     workdir = sampling.find_latest_run()
     print(f"sampling from {workdir} (the most recently trained run)", file=sys.stderr)
   loaded = sampling.load_model(workdir, _STEP.value)
+  if _ATTENTION_PLOT.value:
+    _draw_attention(loaded)
+    return
   options = sampling.SamplingOptions(
       max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value, top_p=_TOP_P.value)
@@ -49,6 +61,17 @@ def _sample() -> None:
       use_cache=_USE_CACHE.value, warn=lambda m: print(m, file=sys.stderr))
   sys.stdout.reconfigure(encoding="utf-8")
   print("\n---------------\n".join(texts))
+
+
+def _draw_attention(loaded: sampling.LoadedModel) -> None:
+  prompts = _prompts()
+  if len(prompts) != 1:
+    raise errors.UserError(f"--attention_plot draws one prompt; got {len(prompts)}: give "
+                           "exactly one --prompt.")
+  path = plots.draw_prompt_attention(loaded, prompts[0], _ATTENTION_PLOT.value,
+                                     layer=_LAYER.value, head=_HEAD.value,
+                                     warn=lambda m: print(m, file=sys.stderr))
+  print(f"wrote {path}")
 
 
 def main(argv):

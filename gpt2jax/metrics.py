@@ -1,4 +1,5 @@
-"""What a run reports: metrics.jsonl, samples.txt, console lines and a progress bar.
+"""What a run reports: metrics.jsonl, TensorBoard events, samples.txt, summary.json, console
+lines and a progress bar.
 
 Only process 0 writes; other processes get the same objects with writing turned off.
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from gpt2jax.checkpoint import METRICS_JSONL, SAMPLES_TXT
 
 LN2 = math.log(2.0)
+TENSORBOARD_DIR = "tensorboard"
+SUMMARY_JSON = "summary.json"
 
 
 def loss_summary(prefix: str, loss: float, bytes_per_token: float) -> dict:
@@ -25,13 +30,24 @@ def loss_summary(prefix: str, loss: float, bytes_per_token: float) -> dict:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+  """Appends one JSON object per line to <workdir>/metrics.jsonl, mirrored to TensorBoard.
 
-  def __init__(self, workdir: Path, *, keep_through_step: int | None, enabled: bool = True):
+  With flops_per_token (see model_flops_per_token), every record that has tokens_per_second
+  also gets the model's achieved TFLOP/s and, where the devices' peak is known, its MFU.
+  """
+
+  def __init__(self, workdir: Path, *, keep_through_step: int | None, enabled: bool = True,
+               tensorboard: bool = True, flops_per_token: float | None = None,
+               peak_flops: float | None = None):
     self.path = Path(workdir) / METRICS_JSONL
     self.enabled = enabled
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self.tensorboard = None
     if enabled:
       self._drop_records_after(keep_through_step)
+      if tensorboard:
+        self.tensorboard = TensorBoard(workdir, resume_after_step=keep_through_step)
 
   def _drop_records_after(self, step: int | None) -> None:
     """A resumed run rewrites what came after its checkpoint; a fresh run starts empty."""
@@ -50,9 +66,31 @@ class MetricsLog:
     tmp.replace(self.path)
 
   def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    if self.flops_per_token and "tokens_per_second" in record:
+      record = {**record, **utilization(record["tokens_per_second"], self.flops_per_token,
+                                        self.peak_flops)}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if self.tensorboard:
+      self.tensorboard.scalars(record)
+
+  def write_sample(self, step: int, text: str) -> None:
+    """samples.txt, and the TensorBoard text tab."""
     if self.enabled:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+      append_sample(self.path.parent, step, text)
+      if self.tensorboard:
+        self.tensorboard.text("samples", text, step)
+
+  def write_text(self, tag: str, text: str, step: int) -> None:
+    """Text for TensorBoard only (the run's config, say)."""
+    if self.tensorboard:
+      self.tensorboard.text(tag, text, step)
+
+  def close(self) -> None:
+    if self.tensorboard:
+      self.tensorboard.close()
 
 
 def read_metrics(workdir: Path) -> list[dict]:
@@ -65,6 +103,173 @@ def read_metrics(workdir: Path) -> list[dict]:
 def append_sample(workdir: Path, step: int, text: str) -> None:
   with open(Path(workdir) / SAMPLES_TXT, "a", encoding="utf-8") as f:
     f.write(f"=== step {step} ===\n{text}\n\n")
+
+
+# metrics.jsonl key -> TensorBoard tag. Other numeric keys are logged as "other/<key>".
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss",
+    "eval_train_loss": "train/eval_loss",
+    "eval_train_perplexity": "train/perplexity",
+    "eval_train_bits_per_byte": "train/bits_per_byte",
+    "val_loss": "val/loss",
+    "val_perplexity": "val/perplexity",
+    "val_bits_per_byte": "val/bits_per_byte",
+    "learning_rate": "optim/learning_rate",
+    "grad_norm": "optim/grad_norm",
+    "tokens_per_second": "speed/tokens_per_second",
+    "model_tflops_per_second": "speed/model_tflops_per_second",
+    "mfu": "speed/mfu",
+    "tokens_seen": "progress/tokens_seen",
+    "epoch": "progress/epoch",
+    "elapsed_seconds": "progress/elapsed_seconds",
+}
+
+
+class TensorBoard:
+  """Event files under <workdir>/tensorboard, for `tensorboard --logdir <workdir>/tensorboard`.
+
+  A fresh run deletes the events of an earlier run in the same workdir (as metrics.jsonl is
+  emptied); a resumed run marks the steps after its checkpoint as purged, so that TensorBoard
+  shows each step once.
+  """
+
+  def __init__(self, workdir: Path, *, resume_after_step: int | None):
+    from tensorboardX import SummaryWriter
+
+    logdir = Path(workdir) / TENSORBOARD_DIR
+    if resume_after_step is None:
+      for old in logdir.glob("events.out.tfevents.*"):
+        old.unlink()
+    purge_step = None if resume_after_step is None else resume_after_step + 1
+    # Event files are named by the second they were opened in; the suffix keeps a session's
+    # file apart from (and sorted after) one opened in the same second before it.
+    self._writer = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=30,
+                                 filename_suffix=f".from_step_{purge_step or 0:09d}")
+
+  def scalars(self, record: dict) -> None:
+    step = record["step"]
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._writer.add_scalar(TENSORBOARD_TAGS.get(key, f"other/{key}"), value, step)
+    self._writer.flush()  # once per log line: cheap, and nothing is lost if the run dies
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    # TensorBoard renders text as Markdown; a fenced block keeps newlines and spacing.
+    fenced = text.replace("```", "` ` `")
+    self._writer.add_text(tag, f"```\n{fenced}\n```", step)
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def model_flops_per_token(non_embedding_params: int, n_layer: int, n_embd: int,
+                          block_size: int) -> float:
+  """Training FLOPs per token (forward and backward) as nanoGPT and the PaLM paper count
+  them: 6 per parameter, plus 12 * layers * width * context for attention."""
+  return 6.0 * non_embedding_params + 12.0 * n_layer * n_embd * block_size
+
+
+# Dense bfloat16 peak FLOP/s of one JAX device, by device_kind (the first name found in it
+# counts). TPU v2/v3 show each core as a device; later TPUs one device per chip.
+PEAK_BF16_FLOPS = (
+    ("TPU v2", 22.5e12), ("TPU v3", 61.5e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("V100", 125e12), ("T4", 65e12),
+)
+
+
+def peak_flops_per_second(device_kinds: Sequence[str]) -> float | None:
+  """Summed bfloat16 peak of the devices; None when one is unknown (CPUs, for instance)."""
+  total = 0.0
+  for kind in device_kinds:
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS if name in kind), None)
+    if peak is None:
+      return None
+    total += peak
+  return total or None
+
+
+def utilization(tokens_per_second: float, flops_per_token: float, peak_flops: float | None
+                ) -> dict:
+  """Achieved model TFLOP/s, and model FLOPs utilization (MFU) when the peak is known."""
+  achieved = tokens_per_second * flops_per_token
+  out = {"model_tflops_per_second": achieved / 1e12}
+  if peak_flops:
+    out["mfu"] = achieved / peak_flops
+  return out
+
+
+def summarize_run(records: Sequence[dict], *, num_params: int, tokens_per_step: int) -> dict:
+  """The numbers that describe a finished run, from its metrics.jsonl records."""
+  evals = [r for r in records if "val_loss" in r]
+  best = min(evals, key=lambda r: r["val_loss"]) if evals else {}
+  final = evals[-1] if evals else {}
+  last_step = records[-1]["step"] if records else 0
+  summary = {
+      "steps": last_step,
+      "tokens_seen": last_step * tokens_per_step,
+      "num_parameters": num_params,
+      "wall_seconds": _wall_seconds(records),
+      "mean_tokens_per_second": _mean_tokens_per_second(records, tokens_per_step),
+      "final_train_loss": records[-1].get("train_loss") if records else None,
+  }
+  for prefix, r in (("final", final), ("best", best)):
+    summary[f"{prefix}_val_step"] = r.get("step")
+    for key in ("val_loss", "val_perplexity", "val_bits_per_byte"):
+      summary[f"{prefix}_{key}"] = r.get(key)
+  return summary
+
+
+def _mean_tokens_per_second(records: Sequence[dict], tokens_per_step: int) -> float | None:
+  """Tokens trained / seconds spent training, over all logged intervals (each record's
+  tokens_per_second covers the steps since the record before it)."""
+  tokens = seconds = 0.0
+  previous_step = 0
+  for r in records:
+    if r.get("tokens_per_second"):
+      interval_tokens = (r["step"] - previous_step) * tokens_per_step
+      tokens += interval_tokens
+      seconds += interval_tokens / r["tokens_per_second"]
+    previous_step = r["step"]
+  return tokens / seconds if seconds else None
+
+
+def _wall_seconds(records: Sequence[dict]) -> float:
+  """Wall time of the run: its last elapsed_seconds (a resumed run counts on from its
+  checkpoint), plus that of earlier sessions where elapsed_seconds started again from 0."""
+  total = session_end = 0.0
+  for r in records:
+    elapsed = r.get("elapsed_seconds")
+    if elapsed is None:
+      continue
+    if elapsed < session_end:  # a new session began
+      total += session_end
+    session_end = elapsed
+  return total + session_end
+
+
+def write_summary(workdir: Path, summary: dict) -> Path:
+  path = Path(workdir) / SUMMARY_JSON
+  tmp = path.with_name(SUMMARY_JSON + ".tmp")
+  tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+  return path
+
+
+def format_summary(summary: dict) -> str:
+  """A few console lines: how far the run went, its validation loss, its speed."""
+  speed = summary.get("mean_tokens_per_second")
+  lines = [f"run summary: {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens, "
+           f"{summary['num_parameters']:,} parameters, {summary['wall_seconds']:,.0f} s"
+           + (f", {speed:,.0f} tokens/s" if speed else "")]
+  for prefix in ("final", "best"):
+    if summary.get(f"{prefix}_val_loss") is not None:
+      lines.append(f"  {prefix} val loss {summary[f'{prefix}_val_loss']:.4f} at step "
+                   f"{summary[f'{prefix}_val_step']} (perplexity "
+                   f"{summary[f'{prefix}_val_perplexity']:.2f}, "
+                   f"{summary[f'{prefix}_val_bits_per_byte']:.3f} bits/byte)")
+  return "\n".join(lines)
 
 
 class Console:

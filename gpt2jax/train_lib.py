@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -15,9 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt2jax import aot, errors, metrics, optim, parallel, sampling
+from gpt2jax import aot, errors, metrics, optim, parallel, plots, preemption, sampling
 from gpt2jax import checkpoint as ckpt
-from gpt2jax import preemption
 from gpt2jax.data import batches as batches_lib
 from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
@@ -417,8 +417,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
     ckpt.save_config(run.workdir, config)  # only once the config has proved usable
     for name in run.checkpoints.remove_unfinished_saves():
       console.print(f"removed {name}: a save that an earlier run did not finish")
-  log = metrics.MetricsLog(run.workdir, keep_through_step=run.start_step or None,
-                           enabled=run.is_writer)
+  log = _metrics_log(run)
   tokens_per_step = t.batch_size * config.model.block_size
 
   state, step = run.state, run.start_step
@@ -442,7 +441,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
       guard.check(interval, step)  # before anything is logged or saved
     if is_log:
       record = {"step": step, **interval.summary(tokens_per_step, count_skipped=guard.skip),
-                "epoch": train_batches.epoch(step),
+                "tokens_seen": step * tokens_per_step, "epoch": train_batches.epoch(step),
                 "elapsed_seconds": time.perf_counter() - run_started}
       console.progress(step, record)
       if is_eval:
@@ -458,6 +457,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
     if is_log:
       interval.restart_clock()  # evaluation, sampling and saving are not training time
   run.checkpoints.wait()
+  log.close()
   console.close()
   if run.is_writer:
     if step < t.num_steps:
@@ -466,7 +466,33 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
             f"command again{': ' + resume_command if resume_command else '.'}", flush=True)
     else:
       print(f"trained to step {step}; checkpoints in {run.checkpoints.directory}", flush=True)
+      _write_run_report(run, state, tokens_per_step)
   return state
+
+
+def _metrics_log(run: Run) -> metrics.MetricsLog:
+  """metrics.jsonl and TensorBoard, with the model's FLOPs per token for MFU."""
+  cfg = run.model.config
+  log = metrics.MetricsLog(
+      run.workdir, keep_through_step=run.start_step or None, enabled=run.is_writer,
+      flops_per_token=metrics.model_flops_per_token(
+          count_params(run.state.params, non_embedding=True), cfg.n_layer, cfg.n_embd,
+          cfg.block_size),
+      peak_flops=metrics.peak_flops_per_second([d.device_kind for d in jax.devices()]))
+  log.write_text("config", json.dumps(run.config.to_dict(), indent=1, ensure_ascii=False),
+                 run.start_step)
+  return log
+
+
+def _write_run_report(run: Run, state: TrainState, tokens_per_step: int) -> None:
+  """summary.json and plots/loss.png, from the whole run's metrics.jsonl."""
+  num_params = count_params(state.params)
+  summary = metrics.summarize_run(metrics.read_metrics(run.workdir), num_params=num_params,
+                                  tokens_per_step=tokens_per_step)
+  metrics.write_summary(run.workdir, summary)
+  loss_png = plots.write_loss_plot(run.workdir, num_params)
+  print(f"{metrics.format_summary(summary)}\nwrote {run.workdir / metrics.SUMMARY_JSON} and "
+        f"{loss_png}", flush=True)
 
 
 def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
@@ -476,7 +502,7 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
   eval_train_loss = evaluate(run, state.params, train_windows)
   # Before the first step there is no running training loss: the evaluated one stands in.
   record = {"step": step, "train_loss": eval_train_loss, **record,
-            "eval_train_loss": eval_train_loss,
+            **metrics.loss_summary("eval_train", eval_train_loss, run.data.train.bytes_per_token),
             **metrics.loss_summary("val", val_loss, run.data.val.bytes_per_token)}
   log.write(record)
   console.print(f"step {step}: train {record['eval_train_loss']:.4f}, val {val_loss:.4f} "
@@ -488,5 +514,4 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
       return
     text = generate_sample(run, params, step)
     console.print(f"--- sample at step {step} ---\n{text}\n---")
-    metrics.append_sample(run.workdir, step, text)
-
+    log.write_sample(step, text)

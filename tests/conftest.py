@@ -99,3 +99,12 @@ def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 300):
   env = dict(os.environ, PYTHONIOENCODING="utf-8")
   return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
+def run_module(module: str, *args: str, cwd: Path = REPO, timeout: float = 300):
+  """Runs `python -m module args` (e.g. gpt2jax.evaluate) as a user would."""
+  import subprocess
+
+  env = dict(os.environ, PYTHONIOENCODING="utf-8")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, encoding="utf-8", timeout=timeout)

@@ -18,7 +18,7 @@ from gpt2jax import checkpoint as ckpt
 from gpt2jax import errors, preemption, train_lib
 from gpt2jax.metrics import read_metrics
 
-TIMING_KEYS = {"tokens_per_second", "elapsed_seconds"}
+TIMING_KEYS = {"tokens_per_second", "elapsed_seconds", "model_tflops_per_second", "mfu"}
 # Intervals that do not line up (log 7, eval 25), dropout on and a schedule that does not
 # depend on num_steps, so a resumed run can be compared with an uninterrupted one.
 RUN = dict(train__decay_steps=1000, train__log_every=7, train__eval_every=25,
