@@ -94,6 +94,11 @@ def _utf8_chunks(path) -> Iterator[str]:
         return
 
 
+def read_utf8(path) -> str:
+  """A whole UTF-8 file; a clear error naming the line of the first invalid byte."""
+  return "".join(_utf8_chunks(Path(path)))
+
+
 def split_stream(pieces: Iterable[str], separator: str) -> Iterator[str]:
   """The documents of text arriving in pieces, as `"".join(pieces).split(separator)`."""
   pending = ""
