@@ -33,14 +33,21 @@ def get_config() -> ml_collections.ConfigDict:
   # 'text' reads data.path (a file, a directory or a glob); 'hebrew' and 'english' are the
   # packaged offline corpora; several joined with '+' ('hebrew+english') share one tokenizer.
   config.data.corpus = "text"
-  config.data.path = ""
+  config.data.path = ""  # local or gs://
+  # 'tfds' reads a TensorFlow Datasets dataset as array_record (see gpt2jax/data/tfds_source.py).
+  config.data.tfds = ""  # e.g. 'tiny_shakespeare', 'wiki40b/he', 'lm1b'
+  config.data.tfds_split = "train"  # '+' joins splits, e.g. 'train+validation'
+  config.data.tfds_text_field = "text"
+  config.data.tfds_data_dir = ""  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.tfds_manual_dir = ""  # offline source files; default <data_dir>/downloads/manual
   config.data.separator = "\n\n"  # splits a text file into documents; "" keeps each file whole
   config.data.keep_niqqud = False  # Hebrew: keep vowel points and cantillation marks
   config.data.val_fraction = 0.1
   config.data.shuffle_documents = True  # before the split, so validation is a random sample
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32
+  config.train.batch_size = 32  # sequences per update, over all devices and micro-batches
+  config.train.grad_accum_steps = 1  # micro-batches of batch_size / grad_accum_steps each
   config.train.num_steps = 2000
   config.train.learning_rate = 1e-3
   config.train.min_learning_rate = 1e-4
@@ -60,4 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sample_prompt = ""  # "" starts samples from end-of-text
   config.train.sample_temperature = 0.8
   config.train.sample_top_k = 40
+
+  # Device mesh: how many devices split the batch (data: replicated parameters; fsdp:
+  # parameters and optimizer state sharded too). -1 takes all remaining devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
   return config

@@ -1,5 +1,10 @@
 """nanoGPT's shakespeare-char recipe: a character-level model of Tiny Shakespeare.
 
+  python train.py --config=configs/shakespeare_char.py
+
+reads Tiny Shakespeare from TFDS (downloaded and prepared once, no TensorFlow needed).
+Offline, or to train on another file, give the text itself:
+
   python train.py --config=configs/shakespeare_char.py --config.data.path=input.txt
 
 6 layers, 6 heads, n_embd 384, block 256, dropout 0.2, batch 64, 5000 steps (as nanoGPT).
@@ -19,8 +24,11 @@ def get_config():
   config.model.dropout = 0.2
   config.model.bias = False
   config.tokenizer.kind = "char"
-  config.data.corpus = "text"
-  config.data.separator = ""  # the whole file is one document
+  config.data.corpus = "tfds"
+  config.data.tfds = "tiny_shakespeare"
+  config.data.tfds_split = "train+validation+test"  # the whole text, in order
+  config.data.shuffle_documents = False  # so validation is the last 10%, as in nanoGPT
+  config.data.separator = ""  # with data.path: the whole file is one document
   config.train.batch_size = 64
   config.train.num_steps = 5000
   config.train.learning_rate = 1e-3

@@ -81,6 +81,17 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
   return diffs
 
 
+def _placed(abstract_tree: Any) -> Any:
+  """Restore targets: leaves that name no sharding go to this process's first device, so a
+  checkpoint written on any mesh (e.g. FSDP over a pod) loads on one device."""
+  import jax
+
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) is not None
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_tree)
+
+
 class Checkpoints:
   """Orbax CheckpointManager under <workdir>/checkpoints.
 
@@ -159,15 +170,15 @@ class Checkpoints:
     """Restores onto the shapes, dtypes and shardings of abstract_state (a TrainState)."""
     ocp = self._ocp
     restored = self._restore(
-        step, params=ocp.args.StandardRestore(abstract_state.params),
-        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+        step, params=ocp.args.StandardRestore(_placed(abstract_state.params)),
+        opt_state=ocp.args.StandardRestore(_placed(abstract_state.opt_state)),
         meta=ocp.args.JsonRestore())
     state = abstract_state.replace(step=jnp.asarray(step, jnp.int32), params=restored.params,
                                    opt_state=restored.opt_state)
     return state, dict(restored.meta)
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
-    restored = self._restore(step, params=self._ocp.args.StandardRestore(abstract_params))
+    restored = self._restore(step, params=self._ocp.args.StandardRestore(_placed(abstract_params)))
     return restored.params
 
   def wait(self) -> None:

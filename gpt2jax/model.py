@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax.errors import UserError
+from gpt2jax.parallel import constrain_to_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -184,6 +185,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, layer_cache, mask, cache_index):
     cfg = self.config
+    x = constrain_to_batch_axes(x)  # [batch, time, n_embd] split by rows under FSDP too
     y, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
         _layer_norm(cfg, "ln_1")(x), layer_cache, mask, cache_index
     )

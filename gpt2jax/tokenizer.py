@@ -129,11 +129,9 @@ class SentencePieceTokenizer:
             input_sentence_size: int = 2_000_000, seed: int = 0) -> "SentencePieceTokenizer":
     import sentencepiece as spm
 
-    lines = [line for doc in documents for line in doc.split(cls.NEWLINE) if line]
+    lines = sample_lines(documents, input_sentence_size, seed)
     if not lines:
       raise errors.UserError("The corpus is empty: there is no text to train a tokenizer on.")
-    if len(lines) > input_sentence_size:  # a bounded, reproducible sample
-      lines = random.Random(seed).sample(lines, input_sentence_size)
     spm.set_random_generator_seed(seed + 1)
     model = io.BytesIO()
     try:
@@ -193,6 +191,27 @@ class SentencePieceTokenizer:
     })
 
 
+def sample_lines(documents: Iterable[str], size: int, seed: int, separator: str = "\n"
+                 ) -> list[str]:
+  """All non-empty lines when there are at most `size`, else a uniform sample of `size`
+  (reservoir sampling: one pass, memory bounded by the sample, reproducible from seed)."""
+  rng = random.Random(seed)
+  sample: list[str] = []
+  seen = 0
+  for doc in documents:
+    for line in doc.split(separator):
+      if not line:
+        continue
+      if len(sample) < size:
+        sample.append(line)
+      else:
+        slot = rng.randrange(seen + 1)
+        if slot < size:
+          sample[slot] = line
+      seen += 1
+  return sample
+
+
 def _explain_spm_error(message: str, vocab_size: int) -> str:
   if "Vocabulary size is too high" in message or "Vocabulary size too high" in message:
     limit = message.rsplit("<=", 1)[-1].strip(" .")
@@ -205,7 +224,7 @@ def _explain_spm_error(message: str, vocab_size: int) -> str:
   return f"Training the SentencePiece tokenizer failed: {message.strip()}"
 
 
-def train_tokenizer(tokenizer_config, documents: Sequence[str], seed: int = 0) -> Tokenizer:
+def train_tokenizer(tokenizer_config, documents: Iterable[str], seed: int = 0) -> Tokenizer:
   """Trains the tokenizer `tokenizer_config.kind` names on the corpus documents."""
   kind = tokenizer_config.kind
   if kind == "char":

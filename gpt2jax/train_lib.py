@@ -16,10 +16,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from gpt2jax import aot, errors, metrics, optim, parallel, plots, preemption, sampling
 from gpt2jax import checkpoint as ckpt
-from gpt2jax import errors, metrics, optim, plots, preemption, sampling
 from gpt2jax.data import batches as batches_lib
-from gpt2jax.data.pipeline import PreparedData, prepare_data
+from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
 
 
@@ -30,13 +30,23 @@ class TrainState:
   opt_state: Any
 
 
-def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: int
-                     ) -> TrainState:
+def _init_fn(model: GPT, optimizer: optax.GradientTransformation) -> Callable:
   def init(key):
     params = model.init(key, jnp.zeros((1, model.config.block_size), jnp.int32))["params"]
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
-  return jax.jit(init)(jax.random.key(seed))
+  return init
+
+
+def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: int,
+                     shardings: Any = None) -> TrainState:
+  """A fresh state; with shardings, each device creates only its own shards."""
+  return jax.jit(_init_fn(model, optimizer), out_shardings=shardings)(jax.random.key(seed))
+
+
+def abstract_train_state(model: GPT, optimizer: optax.GradientTransformation) -> TrainState:
+  """Shapes and dtypes of the state, without computing it."""
+  return jax.eval_shape(_init_fn(model, optimizer), jax.random.key(0))
 
 
 def cross_entropy(logits, targets):
@@ -45,26 +55,55 @@ def cross_entropy(logits, targets):
       logits.astype(jnp.float32), targets).mean()
 
 
+def micro_batches(batch, grad_accum_steps: int):
+  """[B, T+1] -> [grad_accum_steps, B / grad_accum_steps, T+1].
+
+  Micro-batch i takes rows i, i+A, i+2A, ...: every device holds a contiguous block of rows,
+  so each micro-batch draws evenly from every device and needs no data movement.
+  """
+  rows, length = batch.shape
+  return batch.reshape(rows // grad_accum_steps, grad_accum_steps, length).swapaxes(0, 1)
+
+
 def make_train_step(model: GPT, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int, *, skip_nonfinite: bool = False
-                    ) -> Callable:
+                    schedule: optax.Schedule, seed: int, grad_accum_steps: int = 1, *,
+                    skip_nonfinite: bool = False) -> Callable:
   """train_step(state, batch [B, T+1] int32) -> (state, metrics); pure, ready for jit.
+
+  With grad_accum_steps > 1 the batch is processed as that many micro-batches under
+  `lax.scan`, summing float32 gradients: the same update as one batch of B, in the memory
+  of B / grad_accum_steps.
 
   metrics["nonfinite"] flags a NaN/inf loss or gradient norm; with skip_nonfinite such an
   update is not applied (the step still counts, so the batches stay those of a clean run).
   """
   dropout_key = jax.random.key(seed + 1)
 
-  def train_step(state: TrainState, batch):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    rng = jax.random.fold_in(dropout_key, state.step)  # the same dropout on resume
-
+  def loss_and_grads(params, batch, rng):
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, inputs, deterministic=False,
+      logits, _ = model.apply({"params": params}, batch[:, :-1], deterministic=False,
                               rngs={"dropout": rng})
-      return cross_entropy(logits, targets)
+      return cross_entropy(logits, batch[:, 1:])
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return jax.value_and_grad(loss_fn)(params)
+
+  def accumulated_loss_and_grads(params, batch, rng):
+    def add_micro_batch(totals, micro):
+      index, rows = micro
+      loss, grads = loss_and_grads(params, rows, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, totals, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    micro = (jnp.arange(grad_accum_steps), micro_batches(batch, grad_accum_steps))
+    totals, _ = jax.lax.scan(add_micro_batch, zeros, micro)
+    return jax.tree.map(lambda total: total / grad_accum_steps, totals)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(dropout_key, state.step)  # the same dropout on resume
+    if grad_accum_steps == 1:
+      loss, grads = loss_and_grads(state.params, batch, rng)
+    else:
+      loss, grads = accumulated_loss_and_grads(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -93,7 +132,7 @@ def make_eval_step(model: GPT) -> Callable:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   t = config.train
   for key in ("batch_size", "num_steps", "eval_every", "eval_batches", "checkpoint_every",
-              "log_every", "keep_checkpoints"):
+              "log_every", "keep_checkpoints", "grad_accum_steps"):
     if t[key] < 1:
       raise errors.UserError(f"train.{key} must be at least 1, got {t[key]}.")
   if t.learning_rate <= 0:
@@ -101,6 +140,49 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # The model's and the schedule's own checks, before any work is done or file written.
   GPTConfig.from_config(config.model, vocab_size=1)
   optim.learning_rate_schedule(t)
+
+
+@dataclasses.dataclass
+class ShardedSteps:
+  """The train and eval steps jitted over a mesh, and where every array lives."""
+
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+  batch_sharding: jax.sharding.NamedSharding
+  init: Callable  # seed -> TrainState, created in place on the mesh
+  train_step: Callable  # jitted, state donated
+  eval_step: Callable
+
+  def abstract_batch(self, batch_size: int, block_size: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((batch_size, block_size + 1), jnp.int32,
+                                sharding=self.batch_sharding)
+
+  def place_batch(self, local_rows: np.ndarray) -> jax.Array:
+    return parallel.place_batch(local_rows, self.batch_sharding)
+
+
+def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
+                       mesh: jax.sharding.Mesh) -> ShardedSteps:
+  """Shardings from the partition rules; steps jitted with them, the train state donated."""
+  t = config.train
+  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
+  optimizer = optim.make_optimizer(t)
+  schedule = optim.learning_rate_schedule(t)
+  abstract = abstract_train_state(model, optimizer)
+  state_shardings = parallel.tree_shardings(abstract, mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  scalar = parallel.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(model, optimizer, schedule, config.seed, t.grad_accum_steps,
+                      skip_nonfinite=t.get("skip_nonfinite", False)),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, scalar),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model),
+                      in_shardings=(state_shardings.params, batch_sharding), out_shardings=scalar)
+  return ShardedSteps(
+      mesh, parallel.abstract_with_shardings(abstract, state_shardings), batch_sharding,
+      lambda seed: init_train_state(model, optimizer, seed, state_shardings),
+      train_step, eval_step)
 
 
 @dataclasses.dataclass
@@ -114,10 +196,16 @@ class Run:
   checkpoints: ckpt.Checkpoints
   state: TrainState
   start_step: int
-  train_step: Callable
-  eval_step: Callable
+  train_step: Callable  # compiled ahead of time: a global batch (place_batch), this mesh
+  eval_step: Callable  # (params, global batch) -> loss
   is_writer: bool
   resume_meta: dict  # the `meta` of the checkpoint resumed from ({} for a fresh run)
+  steps: ShardedSteps
+  compiled: aot.CompiledStep
+
+  def place_batch(self, local_rows: np.ndarray) -> jax.Array:
+    """This process's rows of a batch -> the global batch, split over the mesh."""
+    return self.steps.place_batch(local_rows)
 
 
 def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None:
@@ -139,31 +227,33 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = ckpt.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   _check_workdir(config, workdir, checkpoints)
-  data = prepare_data(config, workdir, reuse_tokenizer=checkpoints.latest_step() is not None)
+  start_step = checkpoints.latest_step() or 0
+  mesh = parallel.make_mesh(config.mesh)
+  t = config.train
+  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)  # before any data work
+  data = prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
   model_config = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
   model = GPT(model_config)
 
-  optimizer = optim.make_optimizer(config.train)
-  schedule = optim.learning_rate_schedule(config.train)
-  state = init_train_state(model, optimizer, config.seed)
-  start_step = checkpoints.latest_step() or 0
+  steps = make_sharded_steps(config, model, mesh)
   resume_meta = {}
-  if start_step:
-    state, resume_meta = checkpoints.restore(start_step, jax.eval_shape(lambda: state))
-  # Restored arrays are committed to a device, fresh ones are not; placing both alike lets a
-  # resumed run compile the same programs as a fresh one, once (not once per placement).
-  state = jax.device_put(state, jax.local_devices()[0])
-
-  train_step = jax.jit(make_train_step(model, optimizer, schedule, config.seed,
-                                       skip_nonfinite=config.train.get("skip_nonfinite", False)),
-                       donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model))
-  return Run(config, workdir, data, model, checkpoints, state, start_step, train_step,
-             eval_step, is_writer, resume_meta)
+  if start_step:  # restored straight onto this mesh, whatever mesh saved it
+    state, resume_meta = checkpoints.restore(start_step, steps.abstract_state)
+  else:
+    state = steps.init(config.seed)
+  batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
+  try:
+    compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state, batch)
+  except aot.DoesNotFit as e:
+    raise errors.UserError(f"The train step does not fit in device memory ({e}): "
+                           f"{aot.MEMORY_HINT}.") from e
+  return Run(config, workdir, data, model, checkpoints, state, start_step, compiled.executable,
+             parallel.under_mesh(mesh, steps.eval_step), is_writer, resume_meta, steps,
+             compiled)
 
 
 def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
-  losses = [run.eval_step(params, jnp.asarray(batch)) for batch in windows]
+  losses = [run.eval_step(params, run.place_batch(batch)) for batch in windows]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -190,6 +280,8 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
       f"model: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block "
       f"{cfg.block_size}, {count_params(run.state.params):,} parameters, {cfg.dtype}; "
       + (f"resuming from step {run.start_step}" if run.start_step else "starting from scratch"))
+  for line in aot.startup_lines(run.steps.mesh, run.state, run.compiled):
+    console.print(line)
 
 
 class _Interval:
@@ -337,7 +429,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
   interval.restart_clock()
   stopping = False
   while step < t.num_steps and not stopping:
-    state, step_metrics = run.train_step(state, jnp.asarray(train_batches.batch(step)))
+    state, step_metrics = run.train_step(state, run.place_batch(train_batches.batch(step)))
     interval.add(step_metrics)
     step += 1
     console.step()
@@ -416,7 +508,10 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
   console.print(f"step {step}: train {record['eval_train_loss']:.4f}, val {val_loss:.4f} "
                 f"(perplexity {record['val_perplexity']:.2f}, "
                 f"{record['val_bits_per_byte']:.3f} bits/byte)")
-  if run.is_writer and run.config.train.sample_tokens > 0:
-    text = generate_sample(run, state.params, step)
+  if run.config.train.sample_tokens > 0:
+    params = parallel.host_local(state.params)  # a collective when there are several processes
+    if not run.is_writer:
+      return
+    text = generate_sample(run, params, step)
     console.print(f"--- sample at step {step} ---\n{text}\n---")
     log.write_sample(step, text)

