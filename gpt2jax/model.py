@@ -96,17 +96,89 @@ def _dense_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
-def causal_attention(q, k, v):
-  """Causal softmax attention without a cache. q, k, v: [batch, time, heads, head_dim]."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+def attention_chunks(time: int) -> int:
+  """How many query chunks causal attention uses: more chunks skip more of the masked upper
+  triangle (work (n+1)/2n of the full square) but make more, smaller matmuls."""
+  for chunks in (4, 2):
+    if time % chunks == 0 and time // chunks >= 32:
+      return chunks
+  return 1
+
+
+def causal_attention(q, k, v, chunks: int | None = None):
+  """Causal softmax attention without a cache. q, k, v: [batch, heads, time, head_dim].
+
+  The queries are split into chunks; chunk i attends only to keys up to its own end, so the
+  fully masked blocks above the diagonal are never computed (neither forward nor backward).
+  Layout [batch, heads, time, head_dim] keeps every matmul a plain batched one (no copies).
+  """
+  time, head_dim = q.shape[2], q.shape[3]
+  chunks = attention_chunks(time) if chunks is None else chunks
+  size = time // chunks
+  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+  outputs = []
+  for i in range(chunks):
+    end = (i + 1) * size
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, i * size:end], k[:, :, :end],
+                        preferred_element_type=jnp.float32)  # [batch, heads, size, end]
+    visible = jnp.arange(end)[None, :] <= (i * size + jnp.arange(size))[:, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    outputs.append(jnp.einsum("bhqk,bhkd->bhqd", weights, v[:, :, :end]))
+  return outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
 
 
 def attention_weights(q, k, mask):
-  """Softmax attention weights in float32. mask: [batch, 1, q_time, k_time] bool."""
+  """Softmax attention weights in float32. q: [batch, heads, q_time, head_dim];
+  k: [batch, k_time, heads, head_dim]; mask: [batch, 1, q_time, k_time] bool."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("bhqd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)  # [batch, heads, q_time, k_time]
+
+
+class HeadsProjection(nn.Module):
+  """The fused q/k/v projection, producing [3, batch, heads, time, head_dim] directly.
+
+  Its parameters are a plain Dense's (kernel [n_embd, 3*n_embd], bias [3*n_embd]); only the
+  matmul is written so that XLA emits the head-major layout without a transpose copy.
+  """
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    kernel = self.param("kernel", _dense_init(0.02), (d, 3 * d), jnp.float32)
+    kernel = kernel.astype(cfg.compute_dtype).reshape(d, 3, h, hd)
+    qkv = jnp.einsum("btd,dshk->sbhtk", x.astype(cfg.compute_dtype), kernel)
+    if cfg.bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (3 * d,), jnp.float32)
+      qkv = qkv + bias.astype(cfg.compute_dtype).reshape(3, 1, h, 1, hd)
+    return qkv  # [3, batch, heads, time, head_dim]
+
+
+class HeadsMerge(nn.Module):
+  """The output projection from [batch, heads, time, head_dim] to [batch, time, n_embd].
+
+  Parameters as a Dense(n_embd): kernel [n_embd, n_embd] (rows ordered head-major), bias.
+  """
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, y):
+    cfg = self.config
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    kernel = self.param("kernel", _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), (d, d),
+                        jnp.float32)
+    out = jnp.einsum("bhtk,hkd->btd", y.astype(cfg.compute_dtype),
+                     kernel.astype(cfg.compute_dtype).reshape(h, hd, d))
+    if cfg.bias:
+      out = out + self.param("bias", nn.initializers.zeros_init(), (d,),
+                             jnp.float32).astype(cfg.compute_dtype)
+    return out
 
 
 class CausalSelfAttention(nn.Module):
@@ -117,36 +189,28 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, layer_cache, mask, cache_index):
     cfg = self.config
     batch, time, _ = x.shape
-    qkv = nn.Dense(
-        3 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02), name="c_attn",
-    )(x)
-    qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, time, heads, head_dim]
-
-    new_cache = None
-    if layer_cache is not None:
-      k_cache, v_cache = layer_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      new_cache = (k, v)
+    q, k, v = HeadsProjection(cfg, name="c_attn")(x)  # each [batch, heads, time, head_dim]
 
     attn_dropout = cfg.dropout > 0.0 and not self.deterministic
     want_weights = self.is_mutable_collection("intermediates")
-    if mask is None and not (attn_dropout or want_weights):
+    new_cache = None
+    if layer_cache is None and not (attn_dropout or want_weights):
       y = causal_attention(q, k, v)
     else:
+      k = k.transpose(0, 2, 1, 3)  # [batch, time, heads, head_dim], the cache's layout
+      v = v.transpose(0, 2, 1, 3)
+      if layer_cache is not None:
+        k_cache, v_cache = layer_cache
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+        new_cache = (k, v)
       if mask is None:
         mask = jnp.tril(jnp.ones((time, time), jnp.bool_))[None, None]
       weights = attention_weights(q, k, mask)
       self.sow("intermediates", "attention_weights", weights)
       weights = nn.Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
-      y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    y = y.reshape(batch, time, cfg.n_embd)
-    y = nn.Dense(
-        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
-    )(y)
+      y = jnp.einsum("bhqk,bkhd->bhqd", weights.astype(v.dtype), v)
+    y = HeadsMerge(cfg, name="c_proj")(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     return y, new_cache
 
