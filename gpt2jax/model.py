@@ -96,6 +96,65 @@ def _dense_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
+_CPU_LINEAR = True  # module switches, for interleaved A/B measurements
+_BARRIER = jax.lax.optimization_barrier
+
+
+@jax.custom_vjp
+def _linear(x, kernel):
+  return jnp.dot(x, kernel)
+
+
+def _linear_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _linear_bwd(residuals, grad):
+  """Gradients laid out for XLA CPU's fast matmul (YNNPACK), which needs a row-major
+  left operand: the kernel gradient contracts over tokens, so one operand must be
+  transposed, and we transpose whichever of (input, output gradient) is smaller instead of
+  letting XLA transpose a large activation with its slow generic copy."""
+  x, kernel = residuals
+  d_in, d_out = kernel.shape
+  x2 = x.reshape(-1, d_in)  # [tokens, d_in]
+  g2 = grad.reshape(-1, d_out)  # [tokens, d_out]
+  dx = jnp.dot(grad, kernel.T)
+  # The barrier keeps XLA from folding the transpose back into the dot's dimensions.
+  if d_in <= d_out:
+    dk = jnp.dot(_BARRIER(x2.T), g2)
+  else:
+    dk = jnp.dot(_BARRIER(g2.T), x2).T
+  return dx, dk.astype(kernel.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear(x, kernel):
+  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out]."""
+  if _CPU_LINEAR and jax.default_backend() == "cpu":
+    return _linear(x, kernel)
+  return jnp.dot(x, kernel)
+
+
+class Linear(nn.Module):
+  """nn.Dense's parameters (kernel [d_in, features], bias) with a CPU-friendly gradient."""
+
+  features: int
+  use_bias: bool
+  dtype: Any
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def attention_chunks(time: int) -> int:
   """How many query chunks causal attention uses: more chunks skip more of the masked upper
   triangle (work (n+1)/2n of the full square) but make more, smaller matmuls."""
@@ -222,15 +281,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    x = nn.Dense(
-        4 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02), name="c_fc",
-    )(x)
+    x = Linear(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02), name="c_fc")(x)
     x = nn.gelu(x, approximate=True)
-    x = nn.Dense(
-        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
-    )(x)
+    x = Linear(cfg.n_embd, cfg.bias, cfg.compute_dtype,
+               _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj")(x)
     return nn.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
 
 
