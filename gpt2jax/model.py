@@ -74,14 +74,14 @@ class KVCache:
   left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
   """
 
-  k: jax.Array  # [layers, batch, max_len, heads, head_dim]
-  v: jax.Array  # [layers, batch, max_len, heads, head_dim]
+  k: jax.Array  # [layers, batch, heads, max_len, head_dim]
+  v: jax.Array  # [layers, batch, heads, max_len, head_dim]
   index: jax.Array  # [] int32
   start: jax.Array  # [batch] int32
 
   @classmethod
   def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
-    shape = (config.n_layer, batch_size, config.block_size, config.n_head, config.head_dim)
+    shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
     if start is None:
       start = jnp.zeros((batch_size,), jnp.int32)
     return cls(
@@ -189,33 +189,18 @@ def causal_attention(q, k, v, chunks: int | None = None):
 
 def attention_weights(q, k, mask):
   """Softmax attention weights in float32. q: [batch, heads, q_time, head_dim];
-  k: [batch, k_time, heads, head_dim]; mask: [batch, 1, q_time, k_time] bool."""
+  k: [batch, heads, k_time, head_dim]; mask: [batch, 1, q_time, k_time] bool."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = jnp.einsum("bhqd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)  # [batch, heads, q_time, k_time]
 
 
-class HeadsProjection(nn.Module):
-  """The fused q/k/v projection, producing [3, batch, heads, time, head_dim] directly.
-
-  Its parameters are a plain Dense's (kernel [n_embd, 3*n_embd], bias [3*n_embd]); only the
-  matmul is written so that XLA emits the head-major layout without a transpose copy.
-  """
-
-  config: GPTConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
-    kernel = self.param("kernel", _dense_init(0.02), (d, 3 * d), jnp.float32)
-    kernel = kernel.astype(cfg.compute_dtype).reshape(d, 3, h, hd)
-    qkv = jnp.einsum("btd,dshk->sbhtk", x.astype(cfg.compute_dtype), kernel)
-    if cfg.bias:
-      bias = self.param("bias", nn.initializers.zeros_init(), (3 * d,), jnp.float32)
-      qkv = qkv + bias.astype(cfg.compute_dtype).reshape(3, 1, h, 1, hd)
-    return qkv  # [3, batch, heads, time, head_dim]
+def split_heads(qkv, n_head: int):
+  """[batch, time, 3 * n_embd] -> q, k, v, each [batch, heads, time, head_dim]."""
+  batch, time, width = qkv.shape
+  qkv = qkv.reshape(batch, time, 3, n_head, width // (3 * n_head))
+  return qkv.transpose(2, 0, 3, 1, 4)
 
 
 class HeadsMerge(nn.Module):
@@ -240,6 +225,24 @@ class HeadsMerge(nn.Module):
     return out
 
 
+def _write_cache(layer_cache, k, v, cache_index):
+  """Writes the new keys/values at slot cache_index; returns (new cache, keys, values).
+
+  layer_cache is (k, v, layer): with layer None, k/v are this layer's [batch, heads, max_len,
+  head_dim] (under nn.scan); with an int layer, they hold all layers and are updated in place,
+  so a decoding step writes only the new slots instead of copying the whole cache.
+  """
+  k_cache, v_cache, layer = layer_cache
+  k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+  if layer is None:
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, cache_index, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, cache_index, 0))
+    return (k_cache, v_cache), k_cache, v_cache
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k[None], (layer, 0, 0, cache_index, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v[None], (layer, 0, 0, cache_index, 0))
+  return (k_cache, v_cache), k_cache[layer], v_cache[layer]
+
+
 class CausalSelfAttention(nn.Module):
   config: GPTConfig
   deterministic: bool = True
@@ -248,7 +251,9 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, layer_cache, mask, cache_index):
     cfg = self.config
     batch, time, _ = x.shape
-    q, k, v = HeadsProjection(cfg, name="c_attn")(x)  # each [batch, heads, time, head_dim]
+    qkv = Linear(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02),
+                 name="c_attn")(x)
+    q, k, v = split_heads(qkv, cfg.n_head)  # each [batch, heads, time, head_dim]
 
     attn_dropout = cfg.dropout > 0.0 and not self.deterministic
     want_weights = self.is_mutable_collection("intermediates")
@@ -256,19 +261,14 @@ class CausalSelfAttention(nn.Module):
     if layer_cache is None and not (attn_dropout or want_weights):
       y = causal_attention(q, k, v)
     else:
-      k = k.transpose(0, 2, 1, 3)  # [batch, time, heads, head_dim], the cache's layout
-      v = v.transpose(0, 2, 1, 3)
       if layer_cache is not None:
-        k_cache, v_cache = layer_cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-        new_cache = (k, v)
+        new_cache, k, v = _write_cache(layer_cache, k, v, cache_index)
       if mask is None:
         mask = jnp.tril(jnp.ones((time, time), jnp.bool_))[None, None]
       weights = attention_weights(q, k, mask)
       self.sow("intermediates", "attention_weights", weights)
       weights = nn.Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
-      y = jnp.einsum("bhqk,bkhd->bhqd", weights.astype(v.dtype), v)
+      y = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
     y = HeadsMerge(cfg, name="c_proj")(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     return y, new_cache
@@ -361,24 +361,20 @@ class GPT(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast),
           length=cfg.n_layer,
       )(cfg, deterministic, name="h")
+      if layers_cache is not None:
+        layers_cache = (*layers_cache, None)
       return stack(x, layers_cache, mask, cache_index)
-    new_k, new_v = [], []
     for i in range(cfg.n_layer):
-      layer_cache = None if layers_cache is None else (layers_cache[0][i], layers_cache[1][i])
-      x, new_layer_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
+      layer_cache = None if layers_cache is None else (*layers_cache, i)
+      x, layers_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
           x, layer_cache, mask, cache_index
       )
-      if new_layer_cache is not None:
-        new_k.append(new_layer_cache[0])
-        new_v.append(new_layer_cache[1])
-    if layers_cache is None:
-      return x, None
-    return x, (jnp.stack(new_k), jnp.stack(new_v))
+    return x, layers_cache
 
 
 def _cached_positions_and_mask(cache: KVCache, time: int):
   """Positions of the new tokens and which cache slots each may attend to."""
-  max_len = cache.k.shape[2]
+  max_len = cache.k.shape[3]
   query_slots = cache.index + jnp.arange(time)  # [time]
   positions = jnp.maximum(query_slots[None, :] - cache.start[:, None], 0)  # [batch, time]
   key_slots = jnp.arange(max_len)
