@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -69,6 +69,7 @@ def _row(name, value, spread="", note=""):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   results = {"machine": machine(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
   device_peak = peak.device_peak()
   results["peak"] = {"flops_per_second": device_peak.flops_per_second,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -218,14 +219,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                            enabled=run.is_writer)
   tokens_per_step = t.batch_size * config.model.block_size
 
+  def device_batch(step: int):
+    return jnp.asarray(train_batches.batch(step))
+
   state, step = run.state, run.start_step
   interval = _Interval()
   run_started = time.perf_counter()
+  next_batch = device_batch(step)
+  compiling = _compile_in_background(run.train_step, state, next_batch)
   if step == 0:
     _evaluate_and_report(run, state, 0, {}, val_windows, train_windows, log, console)
+  compiling.join()
   interval.reset()
   while step < t.num_steps:
-    state, step_metrics = run.train_step(state, jnp.asarray(train_batches.batch(step)))
+    # Dispatch is asynchronous: the host prepares the next batch while this step runs, and
+    # metrics stay on the device until a log line is due.
+    state, step_metrics = run.train_step(state, next_batch)
+    if step + 1 < t.num_steps:
+      next_batch = device_batch(step + 1)
     interval.step_metrics.append(step_metrics)
     step += 1
     console.step()
@@ -250,6 +261,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   return state
 
 
+def _compile_in_background(train_step, state, batch) -> threading.Thread:
+  """Compiles the train step on another thread (XLA releases the GIL) while the step-0
+  evaluation compiles and runs, so start-up pays for the two compilations at once."""
+  def abstract(x):  # the cache key of a call: single-device arguments carry no sharding
+    sharding = x.sharding if len(x.sharding.device_set) > 1 else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  args = jax.tree_util.tree_map(abstract, (state, batch))
+
+  def compile_step():
+    try:
+      train_step.lower(*args).compile()  # fills the jit cache for the first call
+    except Exception:  # noqa: BLE001 - the first real call reports any error itself
+      pass
+
+  thread = threading.Thread(target=compile_step, name="compile-train-step", daemon=True)
+  thread.start()
+  return thread
+
+
 def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
                          val_windows, train_windows, log: metrics.MetricsLog,
                          console: metrics.Console) -> None:
@@ -260,7 +291,7 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
   console.print(f"step {step}: train {record['eval_train_loss']:.4f}, val {val_loss:.4f} "
                 f"(perplexity {record['val_perplexity']:.2f}, "
                 f"{record['val_bits_per_byte']:.3f} bits/byte)")
-  if run.is_writer and run.config.train.sample_tokens > 0:
+  if run.is_writer and run.config.train.sample_tokens > 0 and step > 0:
     text = generate_sample(run, state.params, step)
     console.print(f"--- sample at step {step} ---\n{text}\n---")
     metrics.append_sample(run.workdir, step, text)
