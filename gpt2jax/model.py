@@ -8,6 +8,7 @@ back, so generating N tokens costs N single-token forwards instead of N full one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -98,6 +99,8 @@ def _dense_init(std: float):
 
 _CPU_LINEAR = True  # module switches, for interleaved A/B measurements
 _BARRIER = jax.lax.optimization_barrier
+_MIN_CHUNK = 32  # queries per attention chunk, at least
+_ATTENTION_VJP = True
 
 
 @jax.custom_vjp
@@ -159,9 +162,75 @@ def attention_chunks(time: int) -> int:
   """How many query chunks causal attention uses: more chunks skip more of the masked upper
   triangle (work (n+1)/2n of the full square) but make more, smaller matmuls."""
   for chunks in (4, 2):
-    if time % chunks == 0 and time // chunks >= 32:
+    if time % chunks == 0 and time // chunks >= _MIN_CHUNK:
       return chunks
   return 1
+
+
+def _chunk_weights(q_chunk, k, first_query: int):
+  """Softmax weights (float32) of one query chunk over keys [0, first_query + chunk)."""
+  size, end = q_chunk.shape[2], first_query + q_chunk.shape[2]
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, k[:, :, :end],
+                      preferred_element_type=jnp.float32)  # [batch, heads, size, end]
+  visible = jnp.arange(end)[None, :] <= (first_query + jnp.arange(size))[:, None]
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def _chunked_forward(q, k, v, chunks: int):
+  size = q.shape[2] // chunks
+  weights, outputs = [], []
+  for i in range(chunks):
+    w = _chunk_weights(q[:, :, i * size:(i + 1) * size], k, i * size)
+    weights.append(w)
+    outputs.append(jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v[:, :, :(i + 1) * size]))
+  out = outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
+  return out, weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_attention(q, k, v, chunks: int):
+  return _chunked_forward(q, k, v, chunks)[0]
+
+
+def _chunked_attention_fwd(q, k, v, chunks: int):
+  out, weights = _chunked_forward(q, k, v, chunks)
+  return out, (q, k, v, out, weights)
+
+
+def _chunked_attention_bwd(chunks: int, residuals, d_out):
+  """The attention backward with every matmul in a form XLA CPU runs fast: the two that
+  contract over queries (dV = P^T dO, dK = dS^T Q) are computed transposed, dV^T = dO^T P,
+  from small explicit transposes of dO and Q (never of the [time x time] weights)."""
+  q, k, v, out, weights = residuals
+  size = q.shape[2] // chunks
+  # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  d_out_t = _BARRIER(d_out.swapaxes(2, 3))  # [batch, heads, head_dim, time]
+  q_t = _BARRIER(q.swapaxes(2, 3))
+  d_k_t = jnp.zeros(k.shape[:2] + (k.shape[3], k.shape[2]), jnp.float32)
+  d_v_t = jnp.zeros_like(d_k_t)
+  d_q = []
+  for i in range(chunks):
+    first, end = i * size, (i + 1) * size
+    w = weights[i]  # [batch, heads, size, end]
+    d_w = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end],
+                     preferred_element_type=jnp.float32)
+    d_scores = w * (d_w - delta[:, :, first:end, None])
+    d_q.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end],
+                          preferred_element_type=jnp.float32))
+    d_v_t = d_v_t.at[:, :, :, :end].add(jnp.einsum(
+        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end], w.astype(d_out.dtype),
+        preferred_element_type=jnp.float32))
+    d_k_t = d_k_t.at[:, :, :, :end].add(jnp.einsum(
+        "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype),
+        preferred_element_type=jnp.float32))
+  d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
+  return (d_q.astype(q.dtype), d_k_t.swapaxes(2, 3).astype(k.dtype),
+          d_v_t.swapaxes(2, 3).astype(v.dtype))
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
 def causal_attention(q, k, v, chunks: int | None = None):
@@ -173,18 +242,10 @@ def causal_attention(q, k, v, chunks: int | None = None):
   """
   time, head_dim = q.shape[2], q.shape[3]
   chunks = attention_chunks(time) if chunks is None else chunks
-  size = time // chunks
   q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-  outputs = []
-  for i in range(chunks):
-    end = (i + 1) * size
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, i * size:end], k[:, :, :end],
-                        preferred_element_type=jnp.float32)  # [batch, heads, size, end]
-    visible = jnp.arange(end)[None, :] <= (i * size + jnp.arange(size))[:, None]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    outputs.append(jnp.einsum("bhqk,bhkd->bhqd", weights, v[:, :, :end]))
-  return outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
+  if _ATTENTION_VJP:
+    return _chunked_attention(q, k, v, chunks)
+  return _chunked_forward(q, k, v, chunks)[0]
 
 
 def attention_weights(q, k, mask):
