@@ -75,19 +75,28 @@ class KVCache:
   left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
   """
 
-  k: jax.Array  # [layers, batch, heads, max_len, head_dim]
-  v: jax.Array  # [layers, batch, heads, max_len, head_dim]
+  # Per layer [batch, heads, max_len, head_dim]: a tuple of one array per layer, or one array
+  # stacked on a leading layer axis when the layers are scanned (config.scan_layers).
+  # Separate arrays let a decoding step update and read each layer in place.
+  k: Any
+  v: Any
   index: jax.Array  # [] int32
   start: jax.Array  # [batch] int32
 
   @classmethod
   def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
-    shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
     if start is None:
       start = jnp.zeros((batch_size,), jnp.int32)
+
+    def zeros():
+      if config.scan_layers:
+        return jnp.zeros((config.n_layer, *shape), config.compute_dtype)
+      return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layer))
+
     return cls(
-        k=jnp.zeros(shape, config.compute_dtype),
-        v=jnp.zeros(shape, config.compute_dtype),
+        k=zeros(),
+        v=zeros(),
         index=jnp.zeros((), jnp.int32),
         start=jnp.asarray(start, jnp.int32),
     )
@@ -289,19 +298,12 @@ class HeadsMerge(nn.Module):
 def _write_cache(layer_cache, k, v, cache_index):
   """Writes the new keys/values at slot cache_index; returns (new cache, keys, values).
 
-  layer_cache is (k, v, layer): with layer None, k/v are this layer's [batch, heads, max_len,
-  head_dim] (under nn.scan); with an int layer, they hold all layers and are updated in place,
-  so a decoding step writes only the new slots instead of copying the whole cache.
+  layer_cache is this layer's (k, v), each [batch, heads, max_len, head_dim].
   """
-  k_cache, v_cache, layer = layer_cache
-  k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-  if layer is None:
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, cache_index, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, cache_index, 0))
-    return (k_cache, v_cache), k_cache, v_cache
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k[None], (layer, 0, 0, cache_index, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v[None], (layer, 0, 0, cache_index, 0))
-  return (k_cache, v_cache), k_cache[layer], v_cache[layer]
+  k_cache, v_cache = layer_cache
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
+  return (k_cache, v_cache), k_cache, v_cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -422,20 +424,24 @@ class GPT(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast),
           length=cfg.n_layer,
       )(cfg, deterministic, name="h")
-      if layers_cache is not None:
-        layers_cache = (*layers_cache, None)
       return stack(x, layers_cache, mask, cache_index)
+    new_k, new_v = [], []
     for i in range(cfg.n_layer):
-      layer_cache = None if layers_cache is None else (*layers_cache, i)
-      x, layers_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
+      layer_cache = None if layers_cache is None else (layers_cache[0][i], layers_cache[1][i])
+      x, new_layer_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
           x, layer_cache, mask, cache_index
       )
-    return x, layers_cache
+      if new_layer_cache is not None:
+        new_k.append(new_layer_cache[0])
+        new_v.append(new_layer_cache[1])
+    if layers_cache is None:
+      return x, None
+    return x, (tuple(new_k), tuple(new_v))
 
 
 def _cached_positions_and_mask(cache: KVCache, time: int):
   """Positions of the new tokens and which cache slots each may attend to."""
-  max_len = cache.k.shape[3]
+  max_len = cache.k[0].shape[-2]
   query_slots = cache.index + jnp.arange(time)  # [time]
   positions = jnp.maximum(query_slots[None, :] - cache.start[:, None], 0)  # [batch, time]
   key_slots = jnp.arange(max_len)
