@@ -135,7 +135,7 @@ def _linear_bwd(residuals, grad):
   if d_in <= d_out:
     dk = jnp.dot(_BARRIER(x2.T), g2)
   else:
-    dk = jnp.dot(_BARRIER(g2.T), x2).T
+    dk = _BARRIER(jnp.dot(_BARRIER(g2.T), x2)).T
   return dx, dk.astype(kernel.dtype)
 
 
