@@ -143,10 +143,14 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def linear(x, kernel):
-  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out]."""
-  if _CPU_LINEAR and jax.default_backend() == "cpu":
-    return _linear(x, kernel)
-  return jnp.dot(x, kernel)
+  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out].
+
+  The CPU gradient layout is chosen when lowering for a CPU (also when compiling for a TPU
+  ahead of time on a CPU host, the TPU gets the plain dot).
+  """
+  if not _CPU_LINEAR:
+    return jnp.dot(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=_linear, default=jnp.dot)
 
 
 class Linear(nn.Module):
@@ -245,16 +249,26 @@ _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 def causal_attention(q, k, v, chunks: int | None = None):
   """Causal softmax attention without a cache. q, k, v: [batch, heads, time, head_dim].
 
-  The queries are split into chunks; chunk i attends only to keys up to its own end, so the
-  fully masked blocks above the diagonal are never computed (neither forward nor backward).
-  Layout [batch, heads, time, head_dim] keeps every matmul a plain batched one (no copies).
+  On CPU the queries are split into chunks; chunk i attends only to keys up to its own end,
+  so the fully masked blocks above the diagonal are never computed (neither forward nor
+  backward). Layout [batch, heads, time, head_dim] keeps every matmul a plain batched one.
+  Other platforms use jax.nn.dot_product_attention (chosen when lowering, see `linear`).
   """
   time, head_dim = q.shape[2], q.shape[3]
   chunks = attention_chunks(time) if chunks is None else chunks
   q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-  if _ATTENTION_VJP:
-    return _chunked_attention(q, k, v, chunks)
-  return _chunked_forward(q, k, v, chunks)[0]
+  if not _ATTENTION_VJP:
+    return _chunked_forward(q, k, v, chunks)[0]
+  return jax.lax.platform_dependent(
+      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, chunks),
+      default=_fused_attention)
+
+
+def _fused_attention(q, k, v):
+  """GPUs and TPUs: jax's fused attention (cuDNN where available), q already scaled."""
+  swap = lambda x: x.swapaxes(1, 2)  # jax's layout is [batch, time, heads, head_dim]
+  return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), scale=1.0,
+                                           is_causal=True))
 
 
 def attention_weights(q, k, mask):
