@@ -11,7 +11,7 @@ block 64, batch 12, biases, no dropout; 2000 steps of AdamW (lr 1e-3, beta2 0.99
 decay 0.1, clip 1.0), 100 warmup steps then cosine decay to 1e-4 at step 2000; evaluation
 every 250 steps on 20 batches, a checkpoint at each. Like nanoGPT's it prints no samples
 (set --config.train.sample_tokens=200 for one at every evaluation). It reaches a validation
-loss of about 1.88 in well under a minute on a 2-core CPU (see README, "Performance").
+loss of about 1.87 at step 2000; README, "Performance", has its wall time.
 """
 
 from configs import default
