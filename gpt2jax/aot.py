@@ -9,6 +9,7 @@ bandwidth. No communication time is modelled: the estimate is a lower bound.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -80,6 +81,14 @@ def compile_step(jitted, mesh, *abstract_args) -> CompiledStep:
       raise
   seconds = time.perf_counter() - started
   return CompiledStep(compiled, seconds, _memory(compiled), _cost(compiled))
+
+
+def compile_step_in_background(jitted, mesh, *abstract_args) -> concurrent.futures.Future:
+  """compile_step on another thread (XLA compiles without holding the GIL); -> Future."""
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-train-step")
+  future = executor.submit(compile_step, jitted, mesh, *abstract_args)
+  executor.shutdown(wait=False)
+  return future
 
 
 def _memory(compiled) -> dict[str, int] | None:

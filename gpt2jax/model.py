@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax.errors import UserError
+from gpt2jax.kernels import causal_attention, linear
 from gpt2jax.parallel import constrain_to_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -75,19 +76,28 @@ class KVCache:
   left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
   """
 
-  k: jax.Array  # [layers, batch, max_len, heads, head_dim]
-  v: jax.Array  # [layers, batch, max_len, heads, head_dim]
+  # Per layer [batch, heads, max_len, head_dim]: a tuple of one array per layer, or one array
+  # stacked on a leading layer axis when the layers are scanned (config.scan_layers).
+  # Separate arrays let a decoding step update and read each layer in place.
+  k: Any
+  v: Any
   index: jax.Array  # [] int32
   start: jax.Array  # [batch] int32
 
   @classmethod
   def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
-    shape = (config.n_layer, batch_size, config.block_size, config.n_head, config.head_dim)
+    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
     if start is None:
       start = jnp.zeros((batch_size,), jnp.int32)
+
+    def zeros():
+      if config.scan_layers:
+        return jnp.zeros((config.n_layer, *shape), config.compute_dtype)
+      return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layer))
+
     return cls(
-        k=jnp.zeros(shape, config.compute_dtype),
-        v=jnp.zeros(shape, config.compute_dtype),
+        k=zeros(),
+        v=zeros(),
         index=jnp.zeros((), jnp.int32),
         start=jnp.asarray(start, jnp.int32),
     )
@@ -97,17 +107,71 @@ def _dense_init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
-def causal_attention(q, k, v):
-  """Causal softmax attention without a cache. q, k, v: [batch, time, heads, head_dim]."""
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+class Linear(nn.Module):
+  """nn.Dense's parameters (kernel [d_in, features], bias) with a CPU-friendly gradient."""
+
+  features: int
+  use_bias: bool
+  dtype: Any
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 def attention_weights(q, k, mask):
-  """Softmax attention weights in float32. mask: [batch, 1, q_time, k_time] bool."""
+  """Softmax attention weights in float32. q: [batch, heads, q_time, head_dim];
+  k: [batch, heads, k_time, head_dim]; mask: [batch, 1, q_time, k_time] bool."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)  # [batch, heads, q_time, k_time]
+
+
+def split_heads(qkv, n_head: int):
+  """[batch, time, 3 * n_embd] -> q, k, v, each [batch, heads, time, head_dim]."""
+  batch, time, width = qkv.shape
+  qkv = qkv.reshape(batch, time, 3, n_head, width // (3 * n_head))
+  return qkv.transpose(2, 0, 3, 1, 4)
+
+
+class HeadsMerge(nn.Module):
+  """The output projection from [batch, heads, time, head_dim] to [batch, time, n_embd].
+
+  Parameters as a Dense(n_embd): kernel [n_embd, n_embd] (rows ordered head-major), bias.
+  """
+
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, y):
+    cfg = self.config
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    kernel = self.param("kernel", _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), (d, d),
+                        jnp.float32)
+    out = jnp.einsum("bhtk,hkd->btd", y.astype(cfg.compute_dtype),
+                     kernel.astype(cfg.compute_dtype).reshape(h, hd, d))
+    if cfg.bias:
+      out = out + self.param("bias", nn.initializers.zeros_init(), (d,),
+                             jnp.float32).astype(cfg.compute_dtype)
+    return out
+
+
+def _write_cache(layer_cache, k, v, cache_index):
+  """Writes the new keys/values at slot cache_index; returns (new cache, keys, values).
+
+  layer_cache is this layer's (k, v), each [batch, heads, max_len, head_dim].
+  """
+  k_cache, v_cache = layer_cache
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
+  return (k_cache, v_cache), k_cache, v_cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -118,36 +182,25 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, layer_cache, mask, cache_index):
     cfg = self.config
     batch, time, _ = x.shape
-    qkv = nn.Dense(
-        3 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02), name="c_attn",
-    )(x)
-    qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, time, heads, head_dim]
-
-    new_cache = None
-    if layer_cache is not None:
-      k_cache, v_cache = layer_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      new_cache = (k, v)
+    qkv = Linear(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02),
+                 name="c_attn")(x)
+    q, k, v = split_heads(qkv, cfg.n_head)  # each [batch, heads, time, head_dim]
 
     attn_dropout = cfg.dropout > 0.0 and not self.deterministic
     want_weights = self.is_mutable_collection("intermediates")
-    if mask is None and not (attn_dropout or want_weights):
+    new_cache = None
+    if layer_cache is None and not (attn_dropout or want_weights):
       y = causal_attention(q, k, v)
     else:
+      if layer_cache is not None:
+        new_cache, k, v = _write_cache(layer_cache, k, v, cache_index)
       if mask is None:
         mask = jnp.tril(jnp.ones((time, time), jnp.bool_))[None, None]
       weights = attention_weights(q, k, mask)
       self.sow("intermediates", "attention_weights", weights)
       weights = nn.Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
-      y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    y = y.reshape(batch, time, cfg.n_embd)
-    y = nn.Dense(
-        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
-    )(y)
+      y = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+    y = HeadsMerge(cfg, name="c_proj")(y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     return y, new_cache
 
@@ -159,15 +212,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    x = nn.Dense(
-        4 * cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02), name="c_fc",
-    )(x)
+    x = Linear(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02), name="c_fc")(x)
     x = nn.gelu(x, approximate=True)
-    x = nn.Dense(
-        cfg.n_embd, use_bias=cfg.bias, dtype=cfg.compute_dtype,
-        kernel_init=_dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj",
-    )(x)
+    x = Linear(cfg.n_embd, cfg.bias, cfg.compute_dtype,
+               _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj")(x)
     return nn.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
 
 
@@ -257,12 +305,12 @@ class GPT(nn.Module):
         new_v.append(new_layer_cache[1])
     if layers_cache is None:
       return x, None
-    return x, (jnp.stack(new_k), jnp.stack(new_v))
+    return x, (tuple(new_k), tuple(new_v))
 
 
 def _cached_positions_and_mask(cache: KVCache, time: int):
   """Positions of the new tokens and which cache slots each may attend to."""
-  max_len = cache.k.shape[2]
+  max_len = cache.k[0].shape[-2]
   query_slots = cache.index + jnp.arange(time)  # [time]
   positions = jnp.maximum(query_slots[None, :] - cache.start[:, None], 0)  # [batch, time]
   key_slots = jnp.arange(max_len)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -196,16 +197,23 @@ class Run:
   checkpoints: ckpt.Checkpoints
   state: TrainState
   start_step: int
-  train_step: Callable  # compiled ahead of time: a global batch (place_batch), this mesh
   eval_step: Callable  # (params, global batch) -> loss
   is_writer: bool
   resume_meta: dict  # the `meta` of the checkpoint resumed from ({} for a fresh run)
   steps: ShardedSteps
-  compiled: aot.CompiledStep
+  compiling: concurrent.futures.Future  # -> aot.CompiledStep of the train step
 
   def place_batch(self, local_rows: np.ndarray) -> jax.Array:
     """This process's rows of a batch -> the global batch, split over the mesh."""
     return self.steps.place_batch(local_rows)
+
+  def compiled_train_step(self) -> aot.CompiledStep:
+    """The train step compiled ahead of time (waits for the compilation to finish)."""
+    try:
+      return self.compiling.result()
+    except aot.DoesNotFit as e:
+      raise errors.UserError(f"The train step does not fit in device memory ({e}): "
+                             f"{aot.MEMORY_HINT}.") from e
 
 
 def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None:
@@ -242,14 +250,11 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
   else:
     state = steps.init(config.seed)
   batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
-  try:
-    compiled = aot.compile_step(steps.train_step, mesh, steps.abstract_state, batch)
-  except aot.DoesNotFit as e:
-    raise errors.UserError(f"The train step does not fit in device memory ({e}): "
-                           f"{aot.MEMORY_HINT}.") from e
-  return Run(config, workdir, data, model, checkpoints, state, start_step, compiled.executable,
+  # Compiled while the step-0 evaluation compiles and runs: start-up pays for both at once.
+  compiling = aot.compile_step_in_background(steps.train_step, mesh, steps.abstract_state, batch)
+  return Run(config, workdir, data, model, checkpoints, state, start_step,
              parallel.under_mesh(mesh, steps.eval_step), is_writer, resume_meta, steps,
-             compiled)
+             compiling)
 
 
 def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
@@ -280,8 +285,6 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
       f"model: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block "
       f"{cfg.block_size}, {count_params(run.state.params):,} parameters, {cfg.dtype}; "
       + (f"resuming from step {run.start_step}" if run.start_step else "starting from scratch"))
-  for line in aot.startup_lines(run.steps.mesh, run.state, run.compiled):
-    console.print(line)
 
 
 class _Interval:
@@ -426,10 +429,19 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
   run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
   if step == 0:
     _evaluate_and_report(run, state, 0, {}, val_windows, train_windows, log, console)
+  compiled = run.compiled_train_step()
+  for line in aot.startup_lines(run.steps.mesh, state, compiled):
+    console.print(line)
+  train_step = compiled.executable
+  next_batch = run.place_batch(train_batches.batch(step))
   interval.restart_clock()
   stopping = False
   while step < t.num_steps and not stopping:
-    state, step_metrics = run.train_step(state, run.place_batch(train_batches.batch(step)))
+    # Dispatch is asynchronous: the host prepares the next batch while this step runs, and
+    # metrics stay on the device until a log line is due.
+    state, step_metrics = train_step(state, next_batch)
+    if step + 1 < t.num_steps:
+      next_batch = run.place_batch(train_batches.batch(step + 1))
     interval.add(step_metrics)
     step += 1
     console.step()
@@ -508,7 +520,7 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
   console.print(f"step {step}: train {record['eval_train_loss']:.4f}, val {val_loss:.4f} "
                 f"(perplexity {record['val_perplexity']:.2f}, "
                 f"{record['val_bits_per_byte']:.3f} bits/byte)")
-  if run.config.train.sample_tokens > 0:
+  if run.config.train.sample_tokens > 0 and step > 0:
     params = parallel.host_local(state.params)  # a collective when there are several processes
     if not run.is_writer:
       return

@@ -105,3 +105,20 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_shape_errors_name_the_fix():
   with pytest.raises(UserError, match="n_embd=30 is not divisible by model.n_head=4"):
     GPTConfig(vocab_size=10, n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_chunked_causal_attention_matches_reference_values_and_gradients(chunks):
+  from gpt2jax.model import causal_attention
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, cotangent = (jax.random.normal(key, (2, 3, 32, 8)) for key in keys)
+
+  def reference(q, k, v):  # [batch, time, heads, head_dim] is jax's layout
+    out = jax.nn.dot_product_attention(*(x.swapaxes(1, 2) for x in (q, k, v)), is_causal=True)
+    return out.swapaxes(1, 2)
+
+  np.testing.assert_allclose(causal_attention(q, k, v, chunks), reference(q, k, v), atol=1e-5)
+  grads = jax.grad(lambda *a: jnp.sum(causal_attention(*a, chunks) * cotangent), (0, 1, 2))
+  reference_grads = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), (0, 1, 2))
+  for got, want in zip(grads(q, k, v), reference_grads(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)

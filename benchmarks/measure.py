@@ -1,0 +1,190 @@
+"""The measurements: training step throughput, sampling speed, start-up time, CPU recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import default
+from gpt2jax import optim, sampling, train_lib
+from gpt2jax.model import GPT, GPTConfig, count_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  n_layer: int
+  n_head: int
+  n_embd: int
+  block_size: int
+  batch_size: int
+  vocab_size: int
+
+  def model_config(self) -> GPTConfig:
+    return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size,
+                     n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=0.0)
+
+
+SHAPES = {
+    "A": Shape("A", 4, 4, 128, 128, 32, 65),
+    "B": Shape("B", 6, 6, 384, 256, 16, 65),
+    "C": Shape("C", 12, 12, 768, 256, 4, 50304),
+}
+
+
+def stats(seconds: list[float]) -> dict:
+  return {"median": float(np.median(seconds)), "min": float(np.min(seconds)),
+          "max": float(np.max(seconds)), "count": len(seconds)}
+
+
+def flops_per_token(config: GPTConfig, params) -> float:
+  """nanoGPT's estimate: 6N + 12*L*T*d, N the parameters without the position embedding."""
+  n = count_params(params, non_embedding=True)
+  return 6 * n + 12 * config.n_layer * config.block_size * config.n_embd
+
+
+def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
+  """Median step time of the jitted, donated training step after two warm-up steps."""
+  config = shape.model_config()
+  model = GPT(config)
+  train_config = default.get_config().train
+  optimizer = optim.make_optimizer(train_config)
+  state = train_lib.init_train_state(model, optimizer, seed=0)
+  step = jax.jit(train_lib.make_train_step(model, optimizer,
+                                           optim.learning_rate_schedule(train_config), seed=0),
+                 donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, shape.vocab_size, (shape.batch_size,
+                                                            shape.block_size + 1)), jnp.int32)
+             for _ in range(2)]
+  compile_start = time.perf_counter()
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - compile_start
+  state, metrics = step(state, batches[1])
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  tokens = shape.batch_size * shape.block_size
+  step_time = stats(times)
+  flops = flops_per_token(config, state.params) * tokens / step_time["median"]
+  return {
+      "shape": dataclasses.asdict(shape),
+      "step_seconds": step_time,
+      "tokens_per_second": tokens / step_time["median"],
+      "tokens_per_second_range": [tokens / step_time["max"], tokens / step_time["min"]],
+      "gflops_per_second": flops / 1e9,
+      "mfu": flops / peak_flops,
+      "first_step_seconds": compile_seconds,
+  }
+
+
+def sampling_speed(shape: Shape, batch: int, new_tokens: int, use_cache: bool,
+                   repeats: int) -> dict:
+  """New tokens per second of sampling.generate with a 1-token prompt and top_k 50."""
+  config = shape.model_config()
+  model = GPT(config)
+  params = jax.jit(model.init)(jax.random.key(0),
+                               jnp.zeros((1, config.block_size), jnp.int32))["params"]
+  options = sampling.SamplingOptions(max_new_tokens=new_tokens, temperature=1.0, top_k=50,
+                                     stop_at_eos=False)
+  prompts = [[0]] * batch
+
+  def run(seed):
+    start = time.perf_counter()
+    out = sampling.generate(model, params, prompts, options, eos_id=0, pad_id=0, seed=seed,
+                            use_cache=use_cache)
+    elapsed = time.perf_counter() - start
+    assert all(len(o) == new_tokens for o in out), "generation stopped early"
+    return elapsed
+
+  first = run(0)  # compiles
+  times = [run(seed) for seed in range(1, repeats + 1)]
+  t = stats(times)
+  return {
+      "shape": shape.name, "batch": batch, "new_tokens": new_tokens, "use_cache": use_cache,
+      "seconds": t, "first_call_seconds": first,
+      "tokens_per_second": batch * new_tokens / t["median"],
+      "tokens_per_second_per_sequence": new_tokens / t["median"],
+  }
+
+
+def synthetic_corpus(path: Path, characters: int = 1_000_000, vocab: int = 65) -> Path:
+  """A text file of `vocab` distinct characters (as Tiny Shakespeare has 65)."""
+  alphabet = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'-\n&$3"))
+  assert len(alphabet) == vocab
+  rng = np.random.default_rng(0)
+  path.write_text("".join(alphabet[rng.integers(0, vocab, characters)]), encoding="utf-8")
+  return path
+
+
+def _run_command(args: list[str], cwd: Path, until: str | None = None
+                 ) -> tuple[float | None, str, float]:
+  """Runs a command; returns (seconds until a stdout line matched `until`, output, total)."""
+  env = dict(os.environ, PYTHONIOENCODING="utf-8")
+  start = time.perf_counter()
+  proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+  matched, lines = None, []
+  for line in proc.stdout:
+    lines.append(line)
+    if matched is None and until and re.search(until, line):
+      matched = time.perf_counter() - start
+  proc.wait()
+  total = time.perf_counter() - start
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(args)} failed:\n{''.join(lines[-30:])}")
+  return matched, "".join(lines), total
+
+
+def startup_time(shape: Shape, corpus: Path) -> dict:
+  """Seconds from `python train.py` (config B shape) to the first completed training step:
+  imports, data preparation, initialisation, compilation and a step-0 evaluation of one batch
+  per split (the default 20 batches per split would add the time of 40 forward passes, which
+  says nothing about start-up). A fresh workdir, so nothing is resumed."""
+  with tempfile.TemporaryDirectory() as workdir:
+    args = [sys.executable, str(REPO / "train.py"), "--config=configs/shakespeare_char.py",
+            f"--config.data.path={corpus}", f"--workdir={workdir}/run",
+            f"--config.model.n_layer={shape.n_layer}", f"--config.model.n_head={shape.n_head}",
+            f"--config.model.n_embd={shape.n_embd}",
+            f"--config.model.block_size={shape.block_size}", "--config.model.dropout=0.0",
+            "--config.model.bias=True",
+            f"--config.train.batch_size={shape.batch_size}", "--config.train.num_steps=2",
+            "--config.train.log_every=1", "--config.train.eval_every=1000",
+            "--config.train.eval_batches=1",
+            "--config.train.warmup_steps=1", "--config.train.checkpoint_every=1000"]
+    seconds, output, total = _run_command(args, REPO, until=r"^step 1: loss")
+  return {"shape": shape.name, "seconds_to_first_step": seconds, "command_seconds": total,
+          "command": " ".join(args[1:])}
+
+
+def cpu_recipe(corpus: Path) -> dict:
+  """nanoGPT's README CPU recipe (configs/shakespeare_char_cpu.py): wall time and val loss."""
+  with tempfile.TemporaryDirectory() as workdir:
+    args = [sys.executable, str(REPO / "train.py"), "--config=configs/shakespeare_char_cpu.py",
+            f"--config.data.path={corpus}", f"--workdir={workdir}/run"]
+    _, output, total = _run_command(args, REPO)
+    records = [json.loads(line) for line in
+               (Path(workdir) / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+  evals = [r for r in records if "val_loss" in r]
+  return {"wall_seconds": total, "final_step": evals[-1]["step"],
+          "val_loss": evals[-1]["val_loss"], "train_loss": evals[-1].get("eval_train_loss"),
+          "evaluations": [(r["step"], r["val_loss"]) for r in evals],
+          "command": " ".join(args[1:])}
