@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from gpt2jax import optim, sampling, train_lib
+from gpt2jax import metrics, optim, sampling, train_lib
 from gpt2jax.model import GPT, GPTConfig, count_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +52,8 @@ def stats(seconds: list[float]) -> dict:
 
 def flops_per_token(config: GPTConfig, params) -> float:
   """nanoGPT's estimate: 6N + 12*L*T*d, N the parameters without the position embedding."""
-  n = count_params(params, non_embedding=True)
-  return 6 * n + 12 * config.n_layer * config.block_size * config.n_embd
+  return metrics.model_flops_per_token(count_params(params, non_embedding=True), config.n_layer,
+                                       config.n_embd, config.block_size)
 
 
 def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import jax
 
-from gpt2jax import errors, parallel
+from gpt2jax import errors, metrics, parallel
 
 GB = 1e9  # bandwidths in decimal units, as chip specifications give them
 
@@ -222,11 +222,6 @@ def roofline(cost: dict[str, float], chip: Chip, num_devices: int, devices_per_c
   return Roofline(compute, memory, step, model_flops_per_step / (step * chips * chip.peak_flops))
 
 
-def model_flops_per_token(num_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
-  """nanoGPT's estimate: 6N for the matmuls forward and backward, 12·L·T·d for attention."""
-  return 6 * num_params + 12 * n_layer * block_size * n_embd
-
-
 def devices_per_chip(devices) -> int:
   """TensorCores exposed as separate devices per chip (1 with megacore)."""
   chips = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
@@ -311,7 +306,7 @@ def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   except DoesNotFit as e:
     return does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
   params = steps.abstract_state.params
-  flops_per_step = t.batch_size * cfg.block_size * model_flops_per_token(
+  flops_per_step = t.batch_size * cfg.block_size * metrics.model_flops_per_token(
       count_params(params, non_embedding=True), cfg.n_layer, cfg.n_embd, cfg.block_size)
   state_bytes = {"params": parallel.bytes_per_device(params),
                  "opt_state": parallel.bytes_per_device(steps.abstract_state.opt_state)}

@@ -10,8 +10,12 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
+
+import jax
+import numpy as np
 
 from gpt2jax.checkpoint import METRICS_JSONL, SAMPLES_TXT
 
@@ -160,6 +164,57 @@ class TensorBoard:
 
   def close(self) -> None:
     self._writer.close()
+
+
+class Interval:
+  """Per-step metrics since the last log line: kept on device, read at log and save points.
+
+  A checkpoint carries the steps of an unfinished interval (meta["pending_metrics"]), so a
+  run resumed from it logs exactly the numbers the uninterrupted run logs.
+  """
+
+  def __init__(self, pending: list[dict] = ()):
+    # float32 again, as they came from the device, so that means are computed alike.
+    self._host = [{k: np.float32(v) for k, v in m.items()} for m in pending]
+    self._device: list[dict] = []
+    self.checked = 0  # how many of the steps the non-finite guard has seen
+    self.restart_clock()
+
+  def restart_clock(self):
+    self.started = time.perf_counter()
+    self.timed_steps = 0
+
+  def reset(self):
+    self._host, self._device, self.checked = [], [], 0
+    self.restart_clock()
+
+  def add(self, step_metrics: dict):
+    self._device.append(step_metrics)
+    self.timed_steps += 1
+
+  def host(self) -> list[dict]:
+    if self._device:
+      self._host += jax.device_get(self._device)
+      self._device = []
+    return self._host
+
+  def pending(self) -> list[dict]:
+    """The steps not yet logged, as JSON numbers (float32 values convert exactly)."""
+    return [{k: float(v) for k, v in m.items()} for m in self.host()]
+
+  def summary(self, tokens_per_step: int, *, count_skipped: bool = False) -> dict:
+    host = self.host()
+    applied = [m for m in host if not m["nonfinite"]]
+    seconds = time.perf_counter() - self.started
+    record = {
+        "train_loss": float(np.mean([m["loss"] for m in applied])) if applied else math.nan,
+        "grad_norm": float(np.mean([m["grad_norm"] for m in applied])) if applied else math.nan,
+        "learning_rate": float(host[-1]["learning_rate"]),
+        "tokens_per_second": tokens_per_step * self.timed_steps / max(seconds, 1e-9),
+    }
+    if count_skipped:
+      record["skipped_updates"] = len(host) - len(applied)
+    return record
 
 
 def model_flops_per_token(non_embedding_params: int, n_layer: int, n_embd: int,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -287,57 +286,6 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
       + (f"resuming from step {run.start_step}" if run.start_step else "starting from scratch"))
 
 
-class _Interval:
-  """Per-step metrics since the last log line: kept on device, read at log and save points.
-
-  A checkpoint carries the steps of an unfinished interval (meta["pending_metrics"]), so a
-  run resumed from it logs exactly the numbers the uninterrupted run logs.
-  """
-
-  def __init__(self, pending: list[dict] = ()):
-    # float32 again, as they came from the device, so that means are computed alike.
-    self._host = [{k: np.float32(v) for k, v in m.items()} for m in pending]
-    self._device: list[dict] = []
-    self.checked = 0  # how many of the steps the non-finite guard has seen
-    self.restart_clock()
-
-  def restart_clock(self):
-    self.started = time.perf_counter()
-    self.timed_steps = 0
-
-  def reset(self):
-    self._host, self._device, self.checked = [], [], 0
-    self.restart_clock()
-
-  def add(self, step_metrics: dict):
-    self._device.append(step_metrics)
-    self.timed_steps += 1
-
-  def host(self) -> list[dict]:
-    if self._device:
-      self._host += jax.device_get(self._device)
-      self._device = []
-    return self._host
-
-  def pending(self) -> list[dict]:
-    """The steps not yet logged, as JSON numbers (float32 values convert exactly)."""
-    return [{k: float(v) for k, v in m.items()} for m in self.host()]
-
-  def summary(self, tokens_per_step: int, *, count_skipped: bool = False) -> dict:
-    host = self.host()
-    applied = [m for m in host if not m["nonfinite"]]
-    seconds = time.perf_counter() - self.started
-    record = {
-        "train_loss": float(np.mean([m["loss"] for m in applied])) if applied else math.nan,
-        "grad_norm": float(np.mean([m["grad_norm"] for m in applied])) if applied else math.nan,
-        "learning_rate": float(host[-1]["learning_rate"]),
-        "tokens_per_second": tokens_per_step * self.timed_steps / max(seconds, 1e-9),
-    }
-    if count_skipped:
-      record["skipped_updates"] = len(host) - len(applied)
-    return record
-
-
 class _NonfiniteGuard:
   """Stops training at the first NaN/inf loss or gradient norm, before it is checkpointed.
 
@@ -353,7 +301,7 @@ class _NonfiniteGuard:
     self.skip = bool(run.config.train.get("skip_nonfinite", False))
     self.skipped_in_a_row = 0
 
-  def check(self, interval: _Interval, step: int) -> None:
+  def check(self, interval: metrics.Interval, step: int) -> None:
     host = interval.host()
     for i in range(interval.checked, len(host)):
       if not host[i]["nonfinite"]:
@@ -424,7 +372,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
   tokens_per_step = t.batch_size * config.model.block_size
 
   state, step = run.state, run.start_step
-  interval = _Interval(run.resume_meta.get("pending_metrics", []))
+  interval = metrics.Interval(run.resume_meta.get("pending_metrics", []))
   guard = _NonfiniteGuard(run)
   run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
   if step == 0:

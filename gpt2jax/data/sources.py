@@ -42,8 +42,16 @@ def text_files(path: str) -> list[Path]:
   elif os.path.isfile(expanded):
     files = [Path(expanded)]
   else:
-    raise errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
-                           "directory or glob with --config.data.path.")
+    raise _no_such_path(path)
+  return _some_files(files, path)
+
+
+def _no_such_path(path: str) -> errors.UserError:
+  return errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
+                          "directory or glob with --config.data.path.")
+
+
+def _some_files(files: list, path: str) -> list:
   if not files:
     raise errors.UserError(f"data.path={path!r} matches no files.")
   return files
@@ -62,11 +70,8 @@ def _remote_files(path: str) -> list:
   elif epath.Path(path).exists():
     files = [epath.Path(path)]
   else:
-    raise errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
-                           "directory or glob with --config.data.path.")
-  if not files:
-    raise errors.UserError(f"data.path={path!r} matches no files.")
-  return files
+    raise _no_such_path(path)
+  return _some_files(files, path)
 
 
 READ_CHUNK_BYTES = 16 << 20
