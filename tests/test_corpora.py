@@ -149,3 +149,9 @@ def test_text_documents_split_across_read_chunks_like_whole_files(tmp_path, monk
   path.write_bytes("ok\n".encode() * 5 + b"\xff")
   with pytest.raises(UserError, match="invalid byte 0xff on line 6"):
     list(sources.text_documents(tiny_config(path).data))
+
+
+def test_cloud_path_without_its_filesystem_package_names_the_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "gcsfs", None)  # `import gcsfs` now fails, as if not installed
+  with pytest.raises(UserError, match="requirements-tpu.txt"):
+    sources.text_files("gs://some-bucket/corpus/*.txt")

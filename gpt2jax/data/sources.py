@@ -59,6 +59,14 @@ def _some_files(files: list, path: str) -> list:
 
 def _remote_files(path: str) -> list:
   """Files under a gs:// (or other etils.epath) location: a file, a directory or a glob."""
+  try:
+    return _remote_files_unchecked(path)
+  except ImportError as e:  # etils names the missing filesystem package, e.g. gcsfs
+    raise errors.UserError(f"data.path={path!r}: {e} (pip install -r requirements-tpu.txt "
+                           "installs gcsfs for gs:// paths).") from e
+
+
+def _remote_files_unchecked(path: str) -> list:
   from etils import epath
 
   if glob.has_magic(path):
