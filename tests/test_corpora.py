@@ -95,11 +95,13 @@ def test_offline_tfds_fails_fast_and_names_data_path(tmp_path, monkeypatch):
     sources.load_documents(config.data)
 
 
-def test_data_path_overrides_a_tfds_default(tiny_text_file):
+def test_data_path_overrides_a_tfds_default(tiny_text_file, tmp_path, capsys):
   config = tiny_config(tiny_text_file)
   config.data.corpus, config.data.tfds = "tfds", "tiny_shakespeare"
   assert sources.load_documents(config.data) == sources.load_documents(
       tiny_config(tiny_text_file).data)
+  prepare_data(config, tmp_path, reuse_tokenizer=False)
+  assert capsys.readouterr().err.count("instead of the TFDS dataset 'tiny_shakespeare'") == 1
 
 
 def test_streamed_encoding_of_a_multi_file_corpus_equals_the_in_memory_result(

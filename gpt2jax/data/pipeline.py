@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   def read():
     return sources.iter_documents(config.data)
 
+  if note := sources.source_note(config.data):
+    print(note, file=sys.stderr)
   scan = tokens.scan_corpus(read())
   if not scan.num_documents:
     raise sources.empty_corpus_error(config.data)

@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import re
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -194,12 +193,22 @@ def source_names(data_config) -> list[str]:
           f"data.corpus={data_config.corpus!r}: unknown source {name!r}; "
           f"use one of {sorted(SOURCES)} or several joined with '+'."
       )
-  if names == ["tfds"] and data_config.path:
-    # A recipe whose default is a TFDS dataset (shakespeare_char) trains on the user's file.
-    print(f"data.path is set: reading {data_config.path!r} instead of the TFDS dataset "
-          f"{data_config.get('tfds', '')!r}", file=sys.stderr)
+  if _path_replaces_tfds(data_config):
     return ["text"]
   return names
+
+
+def _path_replaces_tfds(data_config) -> bool:
+  # A recipe whose default is a TFDS dataset (shakespeare_char) trains on the user's file.
+  return data_config.corpus == "tfds" and bool(data_config.path)
+
+
+def source_note(data_config) -> str | None:
+  """What to tell the user once about where the text comes from, if it is not the obvious."""
+  if _path_replaces_tfds(data_config):
+    return (f"data.path is set: reading {data_config.path!r} instead of the TFDS dataset "
+            f"{data_config.get('tfds', '')!r}")
+  return None
 
 
 def iter_documents(data_config) -> Iterator[str]:
