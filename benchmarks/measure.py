@@ -32,15 +32,18 @@ class Shape:
   block_size: int
   batch_size: int
   vocab_size: int
+  dropout: float = 0.0
 
   def model_config(self) -> GPTConfig:
     return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size,
-                     n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, dropout=0.0)
+                     n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                     dropout=self.dropout)
 
 
 SHAPES = {
     "A": Shape("A", 4, 4, 128, 128, 32, 65),
     "B": Shape("B", 6, 6, 384, 256, 16, 65),
+    "Bd": Shape("Bd", 6, 6, 384, 256, 16, 65, dropout=0.2),  # as shakespeare_char trains
     "C": Shape("C", 12, 12, 768, 256, 4, 50304),
 }
 

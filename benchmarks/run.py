@@ -1,5 +1,6 @@
-"""Benchmarks: training throughput and MFU (shapes A, B, C), sampling speed, start-up time and
-nanoGPT's CPU recipe. Prints a table and writes benchmarks/results/<time>-<host>.json.
+"""Benchmarks: training throughput and MFU (shapes A, B, C, and Bd: B with dropout 0.2),
+sampling speed, start-up time and nanoGPT's CPU recipe. Prints a table and writes
+benchmarks/results/<time>-<host>.json.
 
   python -m benchmarks.run                       # everything but the CPU recipe
   python -m benchmarks.run --recipe_corpus=input.txt   # also nanoGPT's CPU recipe
@@ -31,7 +32,7 @@ from benchmarks import measure, peak  # noqa: E402
 
 _ONLY = flags.DEFINE_list("only", ["train", "sample", "startup", "recipe"],
                           "Which benchmarks: train, sample, startup, recipe.")
-_SHAPES = flags.DEFINE_list("shapes", ["A", "B", "C"], "Training shapes to measure.")
+_SHAPES = flags.DEFINE_list("shapes", ["A", "B", "Bd", "C"], "Training shapes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps per shape (after warm-up).")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed generate() calls each.")
 _NO_CACHE_BATCHES = flags.DEFINE_list("no_cache_batches", ["1"],
