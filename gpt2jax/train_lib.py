@@ -221,8 +221,10 @@ def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None
     return
   diffs = ckpt.shape_differences(ckpt.load_config(workdir), config)
   if diffs:
+    what = ("a differently shaped model" if any(d.startswith("model.") for d in diffs)
+            else "a model with another tokenizer")
     raise errors.UserError(
-        f"{workdir} holds checkpoints of a differently shaped model ({'; '.join(diffs)}). "
+        f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
         "Use a new --workdir, or the same settings to resume."
     )
 

@@ -72,7 +72,7 @@ RESUME_CASES = {
     "another model shape": (dict(model__n_layer=3), [
         "differently shaped model (model.n_layer: 2 -> 3)", "new --workdir"]),
     "another tokenizer": (dict(tokenizer__kind="bpe"), [
-        "(tokenizer.kind: 'char' -> 'bpe')", "new --workdir"]),
+        "a model with another tokenizer (tokenizer.kind: 'char' -> 'bpe')", "new --workdir"]),
 }
 
 
