@@ -50,23 +50,8 @@ LOGICAL_TO_MESH = {"embed": "fsdp"}
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Axis sizes from config.mesh, with one -1 meaning "all the remaining devices"."""
-  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
-  unknown = [axis for axis, size in sizes.items() if size == -1]
-  if len(unknown) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
-    raise errors.UserError(
-        f"mesh {sizes}: each axis needs a positive size, and at most one may be -1 "
-        "(the remaining devices), e.g. --config.mesh.data=-1 --config.mesh.fsdp=1.")
-  known = math.prod(size for size in sizes.values() if size != -1)
-  if unknown:
-    if num_devices % known:
-      raise errors.UserError(f"mesh {sizes}: {num_devices} devices cannot be split into "
-                             f"groups of {known}; choose axis sizes that divide {num_devices}.")
-    sizes[unknown[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
-    raise errors.UserError(
-        f"mesh {sizes} needs {math.prod(sizes.values())} devices but there are {num_devices}: "
-        "make the product of config.mesh sizes equal the device count, or set one to -1.")
-  return sizes
+  return errors.resolve_mesh_shape({axis: int(mesh_config[axis]) for axis in MESH_AXES},
+                                   num_devices)
 
 
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
@@ -124,18 +109,10 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
-  """Every micro-batch must split evenly over the devices that share the batch."""
-  devices = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-  if grad_accum_steps < 1 or batch_size % grad_accum_steps:
-    raise errors.UserError(
-        f"train.grad_accum_steps={grad_accum_steps} must be at least 1 and divide "
-        f"train.batch_size={batch_size}.")
-  micro = batch_size // grad_accum_steps
-  if micro % devices:
-    raise errors.UserError(
-        f"The batch of {micro} sequences per micro-step does not split over the {devices} "
-        f"devices of mesh {dict(mesh.shape)}: make train.batch_size / train.grad_accum_steps "
-        f"a multiple of {devices}.")
+  """Every micro-batch must split evenly over the devices (and processes) that share the batch."""
+  errors.check_batch_divides(batch_size, math.prod(mesh.shape[axis] for axis in BATCH_AXES),
+                             grad_accum_steps=grad_accum_steps,
+                             process_count=jax.process_count())
 
 
 def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
