@@ -91,11 +91,16 @@ def compile_step_in_background(jitted, mesh, *abstract_args) -> concurrent.futur
   return future
 
 
-def _memory(compiled) -> dict[str, int] | None:
+def _analysis(compiled, name: str):
+  """compiled.memory_analysis() / cost_analysis(), or None where the backend has none."""
   try:
-    stats = compiled.memory_analysis()
+    return getattr(compiled, name)()
   except (NotImplementedError, RuntimeError):
     return None
+
+
+def _memory(compiled) -> dict[str, int] | None:
+  stats = _analysis(compiled, "memory_analysis")
   if stats is None:
     return None
   memory = {name: int(getattr(stats, f"{name}_size_in_bytes"))
@@ -107,10 +112,7 @@ def _memory(compiled) -> dict[str, int] | None:
 
 
 def _cost(compiled) -> dict[str, float] | None:
-  try:
-    cost = compiled.cost_analysis()
-  except (NotImplementedError, RuntimeError):
-    return None
+  cost = _analysis(compiled, "cost_analysis")
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else None
   if not cost:
