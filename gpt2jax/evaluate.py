@@ -35,7 +35,7 @@ def _evaluate() -> None:
     print(f"evaluating {workdir} (the most recently trained run)", file=sys.stderr)
   loaded = sampling.load_model(workdir, _STEP.value)
   block = loaded.model.config.block_size
-  stride = _STRIDE.value or max(1, block // 4)
+  stride = _STRIDE.value or scoring.default_stride(block)
   score, scored_text = scoring.score_text(loaded, text, stride=stride,
                                           batch_size=_BATCH_SIZE.value)
   sys.stdout.reconfigure(encoding="utf-8")

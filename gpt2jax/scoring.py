@@ -126,14 +126,19 @@ def read_text_file(path: str | Path) -> str:
   return text
 
 
+def default_stride(block_size: int) -> int:
+  """A quarter of the block: every token sees at least 3/4 of a block of context."""
+  return max(1, block_size // 4)
+
+
 def score_text(loaded: Any, text: str, *, stride: int | None = None, batch_size: int = 32
                ) -> tuple[TextScore, str]:
   """The model's score on text (after the corpus's normalization), and the text it scored.
 
-  loaded: a sampling.LoadedModel. stride defaults to a quarter of the block.
+  loaded: a sampling.LoadedModel. stride defaults to default_stride(block).
   """
   block = loaded.model.config.block_size
-  stride = stride or max(1, block // 4)
+  stride = stride or default_stride(block)
   normalized = loaded.normalize_prompt(text)
   if not normalized:
     raise UserError("Nothing is left of the text after normalization (it held only marks the "
