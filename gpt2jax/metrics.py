@@ -24,11 +24,16 @@ TENSORBOARD_DIR = "tensorboard"
 SUMMARY_JSON = "summary.json"
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), capped so that a diverged loss does not overflow."""
+  return math.exp(min(loss, 80.0))
+
+
 def loss_summary(prefix: str, loss: float, bytes_per_token: float) -> dict:
   """Loss in nats per token, perplexity and bits per byte (comparable across tokenizers)."""
   return {
       f"{prefix}_loss": loss,
-      f"{prefix}_perplexity": math.exp(min(loss, 80.0)),
+      f"{prefix}_perplexity": perplexity(loss),
       f"{prefix}_bits_per_byte": loss / LN2 / bytes_per_token,
   }
 

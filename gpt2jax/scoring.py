@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ import numpy as np
 
 from gpt2jax.data.sources import read_utf8
 from gpt2jax.errors import UserError
+from gpt2jax.metrics import LN2, perplexity
 
-LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +58,7 @@ class TextScore:
 
   @property
   def perplexity(self) -> float:
-    return math.exp(min(self.loss, 80.0))
+    return perplexity(self.loss)
 
   @property
   def bits_per_byte(self) -> float:
