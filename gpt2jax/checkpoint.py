@@ -84,8 +84,6 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
 def _placed(abstract_tree: Any) -> Any:
   """Restore targets: leaves that name no sharding go to this process's first device, so a
   checkpoint written on any mesh (e.g. FSDP over a pod) loads on one device."""
-  import jax
-
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
       lambda x: x if getattr(x, "sharding", None) is not None
