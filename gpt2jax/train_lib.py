@@ -229,11 +229,9 @@ def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None
     )
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
-  validate_config(config)
-  workdir = Path(workdir)
+def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+  """Everything a run needs; train_and_evaluate has validated config and made workdir."""
   is_writer = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = ckpt.Checkpoints(workdir, keep=config.train.keep_checkpoints)
   _check_workdir(config, workdir, checkpoints)
   start_step = checkpoints.latest_step() or 0
