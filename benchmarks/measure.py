@@ -18,7 +18,7 @@ import numpy as np
 
 from configs import default
 from gpt2jax import metrics, optim, sampling, train_lib
-from gpt2jax.model import GPT, GPTConfig, count_params
+from gpt2jax.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +53,6 @@ def stats(seconds: list[float]) -> dict:
           "max": float(np.max(seconds)), "count": len(seconds)}
 
 
-def flops_per_token(config: GPTConfig, params) -> float:
-  """nanoGPT's estimate: 6N + 12*L*T*d, N the parameters without the position embedding."""
-  return metrics.model_flops_per_token(count_params(params, non_embedding=True), config.n_layer,
-                                       config.n_embd, config.block_size)
-
-
 def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
   """Median step time of the jitted, donated training step after two warm-up steps."""
   config = shape.model_config()
@@ -74,20 +68,20 @@ def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
                                                             shape.block_size + 1)), jnp.int32)
              for _ in range(2)]
   compile_start = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(metrics)
+  state, step_metrics = step(state, batches[0])
+  jax.block_until_ready(step_metrics)
   compile_seconds = time.perf_counter() - compile_start
-  state, metrics = step(state, batches[1])
-  jax.block_until_ready(metrics)
+  state, step_metrics = step(state, batches[1])
+  jax.block_until_ready(step_metrics)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, metrics = step(state, batches[i % 2])
-    jax.block_until_ready(metrics)
+    state, step_metrics = step(state, batches[i % 2])
+    jax.block_until_ready(step_metrics)
     times.append(time.perf_counter() - start)
   tokens = shape.batch_size * shape.block_size
   step_time = stats(times)
-  flops = flops_per_token(config, state.params) * tokens / step_time["median"]
+  flops = metrics.gpt_flops_per_token(config, state.params) * tokens / step_time["median"]
   return {
       "shape": dataclasses.asdict(shape),
       "step_seconds": step_time,

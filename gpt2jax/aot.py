@@ -308,8 +308,7 @@ def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   except DoesNotFit as e:
     return does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
   params = steps.abstract_state.params
-  flops_per_step = t.batch_size * cfg.block_size * metrics.model_flops_per_token(
-      count_params(params, non_embedding=True), cfg.n_layer, cfg.n_embd, cfg.block_size)
+  flops_per_step = t.batch_size * cfg.block_size * metrics.gpt_flops_per_token(cfg, params)
   state_bytes = {"params": parallel.bytes_per_device(params),
                  "opt_state": parallel.bytes_per_device(steps.abstract_state.opt_state)}
   return topology_report(topology or devices[0].platform, devices, mesh, compiled,

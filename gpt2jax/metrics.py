@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from gpt2jax.checkpoint import METRICS_JSONL, SAMPLES_TXT
+from gpt2jax.model import count_params
 
 LN2 = math.log(2.0)
 TENSORBOARD_DIR = "tensorboard"
@@ -227,6 +228,13 @@ def model_flops_per_token(non_embedding_params: int, n_layer: int, n_embd: int,
   """Training FLOPs per token (forward and backward) as nanoGPT and the PaLM paper count
   them: 6 per parameter, plus 12 * layers * width * context for attention."""
   return 6.0 * non_embedding_params + 12.0 * n_layer * n_embd * block_size
+
+
+def gpt_flops_per_token(model_config, params) -> float:
+  """model_flops_per_token of a GPT, from its GPTConfig and (possibly abstract) parameters;
+  N counts the parameters without the position embedding."""
+  return model_flops_per_token(count_params(params, non_embedding=True), model_config.n_layer,
+                               model_config.n_embd, model_config.block_size)
 
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by device_kind (the first name found in it

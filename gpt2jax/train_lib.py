@@ -432,12 +432,9 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
 
 def _metrics_log(run: Run) -> metrics.MetricsLog:
   """metrics.jsonl and TensorBoard, with the model's FLOPs per token for MFU."""
-  cfg = run.model.config
   log = metrics.MetricsLog(
       run.workdir, keep_through_step=run.start_step or None, enabled=run.is_writer,
-      flops_per_token=metrics.model_flops_per_token(
-          count_params(run.state.params, non_embedding=True), cfg.n_layer, cfg.n_embd,
-          cfg.block_size),
+      flops_per_token=metrics.gpt_flops_per_token(run.model.config, run.state.params),
       peak_flops=metrics.peak_flops_per_second([d.device_kind for d in jax.devices()]))
   log.write_text("config", json.dumps(run.config.to_dict(), indent=1, ensure_ascii=False),
                  run.start_step)
