@@ -131,9 +131,9 @@ def open_split(data_config):
                            f"{name!r} (it has {splits}; '+' joins splits).") from e
 
 
-def documents(data_config, source=None) -> Iterator[str]:
-  """The text field of every example of the split, one document each, in order."""
-  source = open_split(data_config) if source is None else source
+def documents(data_config, source) -> Iterator[str]:
+  """The text field of every example of the split (from open_split), one document each, in
+  order."""
   field = data_config.tfds_text_field
   for start in range(0, len(source), READ_BATCH):
     for example in source.__getitems__(list(range(start, min(start + READ_BATCH, len(source))))):
