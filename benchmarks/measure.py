@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from gpt2jax import metrics, optim, sampling, train_lib
+from gpt2jax import metrics, optim, sampling
 from gpt2jax.model import GPT, GPTConfig
+from gpt2jax.steps import init_train_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,9 @@ def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
   model = GPT(config)
   train_config = default.get_config().train
   optimizer = optim.make_optimizer(train_config)
-  state = train_lib.init_train_state(model, optimizer, seed=0)
-  step = jax.jit(train_lib.make_train_step(model, optimizer,
-                                           optim.learning_rate_schedule(train_config), seed=0),
+  state = init_train_state(model, optimizer, seed=0)
+  step = jax.jit(make_train_step(model, optimizer, optim.learning_rate_schedule(train_config),
+                                 seed=0),
                  donate_argnums=0)
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, shape.vocab_size, (shape.batch_size,

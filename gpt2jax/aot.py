@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 
 from gpt2jax import errors, metrics, parallel
+from gpt2jax.steps import make_sharded_steps, validate_config
 
 GB = 1e9  # bandwidths in decimal units, as chip specifications give them
 
@@ -293,14 +294,13 @@ def _vocab_size_for_compile(config, workdir: Path) -> int:
 def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   """Compiles the sharded train step -- for a TPU topology, or for this machine's devices --
   without data or training, and returns the memory, FLOPs and roofline report."""
-  from gpt2jax import train_lib
   from gpt2jax.model import GPT, GPTConfig, count_params
 
-  train_lib.validate_config(config)
+  validate_config(config)
   devices = topology_devices(topology) if topology else jax.devices()
   mesh = parallel.make_mesh(config.mesh, devices)
   model = GPT(GPTConfig.from_config(config.model, _vocab_size_for_compile(config, Path(workdir))))
-  steps = train_lib.make_sharded_steps(config, model, mesh)
+  steps = make_sharded_steps(config, model, mesh)
   t, cfg = config.train, model.config
   try:
     compiled = compile_step(steps.train_step, mesh, steps.abstract_state,

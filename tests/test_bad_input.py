@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from gpt2jax import checkpoint as ckpt
-from gpt2jax import cli, errors, sampling, train_lib
+from gpt2jax import cli, errors, sampling, steps, train_lib
 from gpt2jax.tokenizer import load_tokenizer
 
 
@@ -157,14 +157,14 @@ def test_skip_nonfinite_drops_the_update_but_counts_the_step(tiny_text_file, tmp
   config = tiny_config(tiny_text_file)
   model = GPT(GPTConfig.from_config(config.model, vocab_size=48))
   optimizer = optim.make_optimizer(config.train)
-  state = train_lib.init_train_state(model, optimizer, seed=0)
+  state = steps.init_train_state(model, optimizer, seed=0)
   poisoned = jax.device_get(state.replace(params=jax.tree.map(
       lambda x: x.at[(0,) * x.ndim].set(jnp.inf), state.params)))  # an infinite weight
   batch = jnp.ones((8, config.model.block_size + 1), jnp.int32)
   schedule = optim.learning_rate_schedule(config.train)
   for skip in (True, False):
-    step = jax.jit(train_lib.make_train_step(model, optimizer, schedule, config.seed,
-                                             skip_nonfinite=skip), donate_argnums=0)
+    step = jax.jit(steps.make_train_step(model, optimizer, schedule, config.seed,
+                                         skip_nonfinite=skip), donate_argnums=0)
     new_state, metrics = step(jax.device_put(poisoned, jax.local_devices()[0]), batch)
     assert bool(metrics["nonfinite"]) and int(new_state.step) == 1
     unchanged = [np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(new_state),

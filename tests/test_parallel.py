@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from gpt2jax import optim, parallel, train_lib
+from gpt2jax import optim, parallel, steps, train_lib
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
 from gpt2jax.model import GPT, GPTConfig
@@ -168,10 +168,10 @@ def _char_batches(text: str, block: int, batch: int, count: int) -> tuple[int, l
 def _steps(config, vocab: int, grad_accum_steps: int = 1):
   model = GPT(GPTConfig.from_config(config.model, vocab))
   optimizer = optim.make_optimizer(config.train)
-  state = train_lib.init_train_state(model, optimizer, config.seed)
-  step = jax.jit(train_lib.make_train_step(model, optimizer,
-                                           optim.learning_rate_schedule(config.train),
-                                           config.seed, grad_accum_steps))
+  state = steps.init_train_state(model, optimizer, config.seed)
+  step = jax.jit(steps.make_train_step(model, optimizer,
+                                       optim.learning_rate_schedule(config.train),
+                                       config.seed, grad_accum_steps))
   return state, step
 
 
@@ -233,7 +233,7 @@ def test_every_matrix_has_a_partition_rule(scan_layers, tie_embeddings):
   model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32,
                         scan_layers=scan_layers, tie_embeddings=tie_embeddings))
   config = tiny_config()
-  state = train_lib.abstract_train_state(model, optim.make_optimizer(config.train))
+  state = steps.abstract_train_state(model, optim.make_optimizer(config.train))
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     axes = parallel.logical_axes(parallel.path_name(path), leaf.ndim)
     if leaf.ndim - int(scan_layers and "/h/" in f"/{parallel.path_name(path)}") >= 2:
