@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from gpt2jax import metrics, optim, sampling
+from gpt2jax import metrics, optim, runtime, sampling
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.steps import init_train_state, make_train_step
 
@@ -133,10 +133,16 @@ def synthetic_corpus(path: Path, characters: int = 1_000_000, vocab: int = 65) -
   return path
 
 
-def _run_command(args: list[str], cwd: Path, until: str | None = None
-                 ) -> tuple[float | None, str, float]:
-  """Runs a command; returns (seconds until a stdout line matched `until`, output, total)."""
+def _run_command(args: list[str], cwd: Path, until: str | None = None,
+                 compilation_cache: Path | None = None) -> tuple[float | None, str, float]:
+  """Runs a command; returns (seconds until a stdout line matched `until`, output, total).
+
+  compilation_cache: the command's compilation cache directory (a fresh one: nothing cached).
+  """
   env = dict(os.environ, PYTHONIOENCODING="utf-8")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if compilation_cache is not None:
+    env[runtime.CACHE_ENV] = str(compilation_cache)
   start = time.perf_counter()
   proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, encoding="utf-8")
@@ -156,29 +162,38 @@ def startup_time(shape: Shape, corpus: Path) -> dict:
   """Seconds from `python train.py` (config B shape) to the first completed training step:
   imports, data preparation, initialisation, compilation and a step-0 evaluation of one batch
   per split (the default 20 batches per split would add the time of 40 forward passes, which
-  says nothing about start-up). A fresh workdir, so nothing is resumed."""
-  with tempfile.TemporaryDirectory() as workdir:
-    args = [sys.executable, str(REPO / "train.py"), "--config=configs/shakespeare_char.py",
-            f"--config.data.path={corpus}", f"--workdir={workdir}/run",
-            f"--config.model.n_layer={shape.n_layer}", f"--config.model.n_head={shape.n_head}",
-            f"--config.model.n_embd={shape.n_embd}",
-            f"--config.model.block_size={shape.block_size}", "--config.model.dropout=0.0",
-            "--config.model.bias=True",
-            f"--config.train.batch_size={shape.batch_size}", "--config.train.num_steps=2",
-            "--config.train.log_every=1", "--config.train.eval_every=1000",
-            "--config.train.eval_batches=1",
-            "--config.train.warmup_steps=1", "--config.train.checkpoint_every=1000"]
-    seconds, output, total = _run_command(args, REPO, until=r"^step 1: loss")
-  return {"shape": shape.name, "seconds_to_first_step": seconds, "command_seconds": total,
-          "command": " ".join(args[1:])}
+  says nothing about start-up). A fresh workdir each time, so nothing is resumed; run twice
+  on one new compilation cache: cold (everything compiles) and warm (a second run of the
+  same shapes, which loads the compiled steps from the cache)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    result = {"shape": shape.name}
+    for run in ("cold", "warm"):
+      args = [sys.executable, str(REPO / "train.py"), "--config=configs/shakespeare_char.py",
+              f"--config.data.path={corpus}", f"--workdir={tmp}/{run}",
+              f"--config.model.n_layer={shape.n_layer}", f"--config.model.n_head={shape.n_head}",
+              f"--config.model.n_embd={shape.n_embd}",
+              f"--config.model.block_size={shape.block_size}", "--config.model.dropout=0.0",
+              "--config.model.bias=True",
+              f"--config.train.batch_size={shape.batch_size}", "--config.train.num_steps=2",
+              "--config.train.log_every=1", "--config.train.eval_every=1000",
+              "--config.train.eval_batches=1",
+              "--config.train.warmup_steps=1", "--config.train.checkpoint_every=1000"]
+      seconds, _, total = _run_command(args, REPO, until=r"^step 1: loss",
+                                       compilation_cache=Path(tmp) / "xla")
+      result[f"seconds_to_first_step_{run}"] = seconds
+      result[f"command_seconds_{run}"] = total
+  result["command"] = " ".join(args[1:]).replace(f"{tmp}/warm", "<workdir>")
+  return result
 
 
 def cpu_recipe(corpus: Path) -> dict:
-  """nanoGPT's README CPU recipe (configs/shakespeare_char_cpu.py): wall time and val loss."""
+  """nanoGPT's README CPU recipe (configs/shakespeare_char_cpu.py): wall time (nothing
+  compiled beforehand) and val loss."""
   with tempfile.TemporaryDirectory() as workdir:
     args = [sys.executable, str(REPO / "train.py"), "--config=configs/shakespeare_char_cpu.py",
             f"--config.data.path={corpus}", f"--workdir={workdir}/run"]
-    _, output, total = _run_command(args, REPO)
+    # A fresh compilation cache: the wall time includes every compilation.
+    _, output, total = _run_command(args, REPO, compilation_cache=Path(workdir) / "xla")
     records = [json.loads(line) for line in
                (Path(workdir) / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
   evals = [r for r in records if "val_loss" in r]

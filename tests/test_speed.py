@@ -1,6 +1,9 @@
 """The speed machinery works (benchmarks never time anything in tests)."""
 
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +20,40 @@ def test_allocator_settings_are_applied_when_gpt2jax_is_imported():
   import gpt2jax  # noqa: F401
 
   assert runtime.tune_allocator() is True
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "{home}/.cache/gpt2jax/xla"),
+    ({"XDG_CACHE_HOME": "/xdg"}, "/xdg/gpt2jax/xla"),
+    ({"GPT2JAX_COMPILATION_CACHE": "/mine"}, "/mine"),
+    ({"GPT2JAX_COMPILATION_CACHE": "off"}, None),
+])
+def test_compilation_cache_directory_follows_the_environment(monkeypatch, tmp_path, env,
+                                                             expected):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  for name in ("XDG_CACHE_HOME", runtime.CACHE_ENV):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  directory = runtime.compilation_cache_dir()
+  assert (str(directory) if directory else None) == (
+      expected.format(home=tmp_path) if expected else None)
+
+
+@pytest.mark.parametrize("jax_dir_given", [False, True])
+def test_programs_compiled_by_an_entry_point_are_cached_on_disk(tmp_path, jax_dir_given):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_COMPILATION_CACHE_DIR", runtime.CACHE_ENV))}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+  if jax_dir_given:  # the user's own JAX setting is kept
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "own")
+  code = "import gpt2jax, jax; jax.jit(lambda x: x * 3 + 1)(2).block_until_ready()"
+  subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120,
+                 cwd=measure.REPO)
+  used = tmp_path / ("own" if jax_dir_given else "xdg/gpt2jax/xla")
+  assert used.is_dir() and any(used.iterdir())
+  assert (tmp_path / "xdg").exists() != jax_dir_given
 
 
 def test_training_benchmark_reports_throughput_and_mfu():
