@@ -46,6 +46,7 @@ SHAPES = {
     "B": Shape("B", 6, 6, 384, 256, 16, 65),
     "Bd": Shape("Bd", 6, 6, 384, 256, 16, 65, dropout=0.2),  # as shakespeare_char trains
     "C": Shape("C", 12, 12, 768, 256, 4, 50304),
+    "R": Shape("R", 4, 4, 128, 64, 12, 65),  # the nanoGPT CPU recipe's model and batch
 }
 
 
@@ -54,10 +55,9 @@ def stats(seconds: list[float]) -> dict:
           "max": float(np.max(seconds)), "count": len(seconds)}
 
 
-def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
-  """Median step time of the jitted, donated training step after two warm-up steps."""
-  config = shape.model_config()
-  model = GPT(config)
+def train_setup(shape: Shape):
+  """(state, the jitted and donated train step, two random batches) for a shape."""
+  model = GPT(shape.model_config())
   train_config = default.get_config().train
   optimizer = optim.make_optimizer(train_config)
   state = init_train_state(model, optimizer, seed=0)
@@ -68,6 +68,13 @@ def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
   batches = [jnp.asarray(rng.integers(0, shape.vocab_size, (shape.batch_size,
                                                             shape.block_size + 1)), jnp.int32)
              for _ in range(2)]
+  return state, step, batches
+
+
+def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
+  """Median step time of the jitted, donated training step after two warm-up steps."""
+  config = shape.model_config()
+  state, step, batches = train_setup(shape)
   compile_start = time.perf_counter()
   state, step_metrics = step(state, batches[0])
   jax.block_until_ready(step_metrics)

@@ -81,3 +81,38 @@ def test_flops_per_token_is_nanogpts_estimate():
 def test_sampling_benchmark_generates_every_requested_token(use_cache):
   result = measure.sampling_speed(TINY, batch=2, new_tokens=6, use_cache=use_cache, repeats=1)
   assert result["tokens_per_second"] == pytest.approx(2 * 6 / result["seconds"]["median"])
+
+
+def test_profile_charges_the_step_to_the_parts_of_the_model():
+  from benchmarks import profile
+
+  result = profile.profile(TINY, steps=2)
+  parts = {p["part"]: p for p in result["parts"]}
+  for part in ("MLP: c_fc, fwd", "MLP: c_fc, bwd", "LayerNorms, fwd",
+               "attention: softmax(QK^T)V, head split/merge, bwd",
+               "optimizer update, gradient norm"):
+    assert parts[part]["ms_per_step"] > 0, part
+  # The shares and the idle time add up to the wall time of the steps.
+  charged = sum(p["ms_per_step"] for p in result["parts"]) + result["idle_ms_per_step"]
+  assert charged == pytest.approx(result["step_ms"], rel=0.25)
+  # c_fc's forward is one [tokens, n_embd] @ [n_embd, 4 n_embd] matmul per layer.
+  assert parts["MLP: c_fc, fwd"]["matmul_gflops_per_second"] > 0
+  tokens = TINY.batch_size * TINY.block_size
+  assert result["matmul_gflop_per_step"] >= 3 * 2 * tokens * 32 * 128 * 1e-9
+
+
+@pytest.mark.parametrize("op_name, part", [
+    ("jit(train_step)/transpose(jvp(GPT))/GPT._blocks/h_3/mlp/c_proj/cond/branch_0_fun/dot",
+     "MLP: c_proj, bwd"),
+    ("jit(train_step)/jvp(GPT)/GPT._blocks/h_0/attn/c_attn/cond/branch_0_fun/dot_general",
+     "attention: qkv projection (c_attn), fwd"),
+    ("jit(train_step)/jvp(GPT)/GPT._blocks/h_0/attn/cond/branch_0_fun/bhqd,bhkd->bhqk/dot",
+     "attention: softmax(QK^T)V, head split/merge, fwd"),
+    ("jit(train_step)/transpose(jvp(GPT))/ln_f/mul", "LayerNorms, bwd"),
+    ("jit(train_step)/jvp(jit(take_along_axis))/gather", "loss (cross-entropy), fwd"),
+    ("jit(train_step)/jit(clip)/min", "optimizer update, gradient norm"),
+])
+def test_profile_names_parts_from_hlo_metadata(op_name, part):
+  from benchmarks import profile
+
+  assert profile.part_of(op_name) == part
