@@ -15,11 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Module switches, for interleaved A/B measurements of each choice.
-_CPU_LINEAR = True
 _BARRIER = jax.lax.optimization_barrier
 _MIN_CHUNK = 32  # queries per attention chunk, at least
-_ATTENTION_VJP = True
 
 
 @jax.custom_vjp
@@ -58,8 +55,6 @@ def linear(x, kernel):
   The CPU gradient layout is chosen when lowering for a CPU (also when compiling for a TPU
   ahead of time on a CPU host, the TPU gets the plain dot).
   """
-  if not _CPU_LINEAR:
-    return jnp.dot(x, kernel)
   return jax.lax.platform_dependent(x, kernel, cpu=_linear, default=jnp.dot)
 
 
@@ -147,10 +142,8 @@ def causal_attention(q, k, v, chunks: int | None = None):
   Other platforms use jax.nn.dot_product_attention (chosen when lowering, see `linear`).
   """
   time, head_dim = q.shape[2], q.shape[3]
-  chunks = attention_chunks(time) if chunks is None else chunks
+  chunks = attention_chunks(time) if chunks is None else chunks  # tests pin each count
   q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-  if not _ATTENTION_VJP:
-    return _chunked_forward(q, k, v, chunks)[0]
   return jax.lax.platform_dependent(
       q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, chunks),
       default=_fused_attention)
