@@ -2,15 +2,15 @@
 
 Compilation cache: every entry point (train, sample, evaluate, benchmarks) compiles its steps
 on start, 5-15 s for a train step on a laptop CPU. JAX's persistent cache keeps the compiled
-executables on disk, so running the same shapes again (resuming, sampling, a second run with
-other data) loads them instead. Default directory: $XDG_CACHE_HOME/gpt2jax/xla (else
+executables on disk, so running the same programs again (resuming, sampling, a second run with
+the same settings) loads them instead. Default directory: $XDG_CACHE_HOME/gpt2jax/xla (else
 ~/.cache/gpt2jax/xla); GPT2JAX_COMPILATION_CACHE=<dir> moves it, =off turns it off, and a
 cache directory already given to JAX (JAX_COMPILATION_CACHE_DIR) is left alone.
 
-Allocator: the compiled training step needs a large temporary buffer (hundreds of MB) at every call.
-glibc serves blocks that large with mmap and returns them with munmap, so each step pays
-tens of thousands of page faults (measured: 17-20% of a CPU step). Keeping freed memory in
-the heap instead (no mmap for large blocks, no trimming, one arena) removes that cost.
+Allocator: the compiled training step needs a large temporary buffer (hundreds of MB) at every
+call. glibc serves blocks that large with mmap and returns them with munmap, so each step pays
+tens of thousands of page faults (measured: 17-20% of a CPU step). Keeping freed memory in the
+heap instead (no mmap for large blocks, no trimming, one arena) removes that cost.
 These are the mallopt equivalents of
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
 and take effect for every later allocation of the process. Nothing happens on a non-glibc
@@ -23,6 +23,8 @@ import ctypes
 import ctypes.util
 import os
 from pathlib import Path
+
+import jax
 
 # mallopt parameter numbers from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -49,8 +51,6 @@ def compilation_cache_dir() -> Path | None:
 def enable_compilation_cache() -> Path | None:
   """Points JAX's persistent compilation cache at compilation_cache_dir(); -> the directory
   in use (also one the user gave JAX), or None."""
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.config.jax_compilation_cache_dir:  # the user's own choice wins
     return Path(jax.config.jax_compilation_cache_dir)
   directory = compilation_cache_dir()
