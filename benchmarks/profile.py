@@ -7,7 +7,8 @@ Runs the jitted train step of a benchmark shape under jax.profiler, reads the tr
 operations running at that moment: shared equally when two run at once, to "idle" when no
 thread runs one. Each operation of the compiled step is named by its HLO metadata (the model
 module it comes from, forward or backward), so the table reads like the model: attention,
-MLP, LayerNorms, optimizer... Matrix multiplications also get their achieved GFLOP/s.
+MLP, LayerNorms, optimizer... The matrix multiplications of each part also get their FLOP
+rate (their FLOPs over the time they ran, which is shared with the other thread at times).
 Prints a table and writes benchmarks/results/profile-<shape>-<time>.json.
 """
 
@@ -155,13 +156,15 @@ def profile(shape: measure.Shape, steps: int) -> dict:
             events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
   ops = ops_of(compiled.as_text())
   share, busy, idle = wall_shares(events, windows, ops)
-  flops = collections.Counter()
-  for _, _, name in events:
-    if name in ops:
+  flops, matmul_ns = collections.Counter(), collections.Counter()
+  for start, end, name in events:
+    if name in ops and ops[name].dot_flops:
       flops[ops[name].part] += ops[name].dot_flops
+      matmul_ns[ops[name].part] += end - start
   parts = [{"part": part, "ms_per_step": share[part] / steps / 1e6,
             "busy_ms_per_step": busy[part] / steps / 1e6,
-            "matmul_gflops_per_second": (flops[part] / busy[part] if flops[part] else None)}
+            "matmul_ms_per_step": matmul_ns[part] / steps / 1e6,
+            "matmul_gflops_per_second": (flops[part] / matmul_ns[part] if flops[part] else None)}
            for part in sorted(share, key=share.get, reverse=True)]
   return {"shape": dataclasses.asdict(shape), "steps": steps,
           "step_ms": sum(end - start for start, end in windows) / steps / 1e6,
@@ -179,16 +182,17 @@ def main(argv):
         f"{result['steps']} profiled steps); matrix multiplications "
         f"{result['matmul_gflop_per_step']:.2f} GFLOP per step; device peak "
         f"{result['peak_gflops_per_second']:.0f} GFLOP/s\n")
-  print(f"| {'part of the step':<52} | {'ms/step':>8} | {'share':>6} | matmul GFLOP/s")
-  print(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---------------")
+  print(f"| {'part of the step':<52} | {'ms/step':>8} | {'share':>6} | matmuls: ms, GFLOP/s")
+  print(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|---------------------")
   total = sum(p["ms_per_step"] for p in result["parts"]) + result["idle_ms_per_step"]
   rows = result["parts"] + [{"part": "idle (no operation running)",
                              "ms_per_step": result["idle_ms_per_step"],
                              "matmul_gflops_per_second": None}]
   for p in sorted(rows, key=lambda p: -p["ms_per_step"]):
     rate = p["matmul_gflops_per_second"]
+    matmuls = f"{p['matmul_ms_per_step']:.2f} ms, {rate:.0f} GFLOP/s" if rate else ""
     print(f"| {p['part']:<52} | {p['ms_per_step']:8.2f} | {p['ms_per_step'] / total:6.1%} | "
-          f"{f'{rate:.0f}' if rate else ''}")
+          f"{matmuls}")
   out_dir = Path(_OUT.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
