@@ -36,7 +36,7 @@ _OUT = flags.DEFINE_string("out", str(measure.REPO / "benchmarks" / "results"),
 # Trace events that are bookkeeping of the runtime, not operations of the step.
 _NOT_OPS = ("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener", "end:")
 
-# (part of the model, pattern in the op_name with the layer index removed), first match wins.
+# (part of the model, regex searched in the op_name metadata), the first match wins.
 _PARTS = [
     ("attention: qkv projection (c_attn)", r"/attn/c_attn"),
     ("attention: output projection (c_proj)", r"/attn/c_proj"),
@@ -65,11 +65,14 @@ def part_of(op_name: str) -> str:
   return f"loss (cross-entropy), {direction}"
 
 
+# A dot in HLO text: its output shape, its left operand's name, the left contracting axes.
+_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([^,)\s]+).*?lhs_contracting_dims=\{([\d,]*)\}")
+
+
 def _dot_flops(fused_body: str) -> int:
   """FLOPs of the dots in a fused computation's HLO text."""
   flops = 0
-  for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%?([^,)\s]+).*?lhs_contracting_dims=\{([\d,]*)\}",
-                       fused_body):
+  for m in _DOT.finditer(fused_body):
     out_shape, lhs_name, contracting = m.groups()
     lhs = re.search(re.escape(lhs_name) + r" = \w+\[([\d,]*)\]", fused_body)
     lhs_dims = [int(d) for d in lhs.group(1).split(",") if d]
