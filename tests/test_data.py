@@ -85,6 +85,28 @@ def test_token_cache_is_reused_until_corpus_or_tokenizer_change(tmp_path, tiny_t
   assert len(changed.val.tokens) > len(first.val.tokens)
 
 
+@pytest.mark.parametrize("kind, passes", [("char", 2), ("bpe", 3)])
+def test_the_corpus_is_read_once_per_pass_it_needs(tmp_path, tiny_text_file, monkeypatch,
+                                                    kind, passes):
+  """Measure (+ a char vocabulary's characters), [BPE sample], encode; a reused tokenizer and
+  token cache need only the measuring pass."""
+  config = tiny_config(tiny_text_file)
+  config.tokenizer.kind = kind
+  config.tokenizer.vocab_size = 340
+  reads = []
+  real = sources.iter_documents
+  monkeypatch.setattr(sources, "iter_documents", lambda c: reads.append(1) or real(c))
+  first = prepare_data(config, tmp_path, reuse_tokenizer=False)
+  assert len(reads) == passes
+  reads.clear()
+  again = prepare_data(config, tmp_path, reuse_tokenizer=True)
+  assert len(reads) == 1
+  np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
+  if kind == "char":  # every character of both splits, and nothing else
+    text = "".join(real(config.data))
+    assert first.tokenizer.chars == "".join(sorted(set(text)))
+
+
 def test_text_corpus_splits_files_into_documents(tmp_path):
   (tmp_path / "a.txt").write_text("one\n\ntwo", encoding="utf-8")
   (tmp_path / "b.txt").write_text("three", encoding="utf-8")

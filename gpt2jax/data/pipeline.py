@@ -36,26 +36,28 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   reuse_tokenizer: load the workdir's tokenizer (a resumed run must keep its vocabulary)
   instead of training one on the corpus.
 
-  The corpus is streamed, never held in memory: once to measure it, once for the tokenizer's
-  (bounded) training sample, once to encode it when the token cache does not match.
+  The corpus is streamed, never held in memory: once to measure it (and collect a char
+  vocabulary's characters), once for a BPE tokenizer's (bounded) training sample, once to
+  encode it when the token cache does not match.
   """
   def read():
     return sources.iter_documents(config.data)
 
   if note := sources.source_note(config.data):
     print(note, file=sys.stderr)
-  scan = tokens.scan_corpus(read())
+  trained = not reuse_tokenizer
+  char_vocabulary = trained and config.tokenizer.kind == "char"
+  scan = tokens.scan_corpus(read(), collect_characters=char_vocabulary)
   if not scan.num_documents:
     raise sources.empty_corpus_error(config.data)
   train_chars = tokens.plan_split(scan.lengths, config.data.val_fraction,
                                   config.data.shuffle_documents)
   tokenizer_dir = Path(workdir) / TOKENIZER_DIR
-  trained = not reuse_tokenizer
   if trained:
     # A char vocabulary is just the set of characters, taken from all text so that validation
     # never meets an unknown one; BPE merges are learned from the training split only.
-    if config.tokenizer.kind == "char":
-      text = read()
+    if char_vocabulary:
+      text = ["".join(sorted(scan.characters))]
     else:
       text = (part for part, _ in tokens.split_parts(read(), train_chars) if part)
     tokenizer = tokenizer_lib.train_tokenizer(config.tokenizer, text, seed=config.seed)

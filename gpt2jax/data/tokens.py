@@ -50,6 +50,7 @@ class CorpusScan:
 
   lengths: array.array  # characters per document, in corpus order
   digest: str
+  characters: frozenset[str] | None = None  # every distinct character, when asked for
 
   @property
   def num_documents(self) -> int:
@@ -60,13 +61,19 @@ class CorpusScan:
     return sum(self.lengths)
 
 
-def scan_corpus(documents: Iterable[str]) -> CorpusScan:
+def scan_corpus(documents: Iterable[str], collect_characters: bool = False) -> CorpusScan:
+  """One pass: document lengths, a content digest and, if asked, the set of characters (all a
+  char vocabulary needs, so building one costs no second pass over the corpus)."""
   lengths = array.array("q")
   digest = hashlib.sha256()
+  characters = set() if collect_characters else None
   for doc in documents:
     lengths.append(len(doc))
     digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
-  return CorpusScan(lengths, digest.hexdigest())
+    if characters is not None:
+      characters.update(doc)
+  return CorpusScan(lengths, digest.hexdigest(),
+                    frozenset(characters) if characters is not None else None)
 
 
 def plan_split(lengths: Sequence[int], val_fraction: float, shuffle: bool) -> np.ndarray:
