@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -55,6 +56,15 @@ def enable_compilation_cache() -> Path | None:
     return Path(jax.config.jax_compilation_cache_dir)
   directory = compilation_cache_dir()
   if directory is None:
+    return None
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    writable = os.access(directory, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:  # else JAX would warn at every compilation
+    print(f"note: compiled programs are not cached: {directory} is not a writable directory; "
+          f"set {CACHE_ENV} to one (or to 'off').", file=sys.stderr)
     return None
   jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)

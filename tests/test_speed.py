@@ -56,6 +56,21 @@ def test_programs_compiled_by_an_entry_point_are_cached_on_disk(tmp_path, jax_di
   assert (tmp_path / "xdg").exists() != jax_dir_given
 
 
+def test_an_unusable_cache_directory_turns_the_cache_off_with_one_note(tmp_path):
+  not_a_directory = tmp_path / "file"
+  not_a_directory.write_text("")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE_DIR")}
+  env[runtime.CACHE_ENV] = str(not_a_directory / "xla")
+  code = ("import gpt2jax, jax; jax.jit(lambda x: x + 1)(1).block_until_ready(); "
+          "jax.jit(lambda x: x * 2)(1).block_until_ready(); "
+          "print(jax.config.jax_compilation_cache_dir)")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120, cwd=measure.REPO, check=True)
+  assert done.stdout.strip() == "None"
+  assert done.stderr.count("compiled programs are not cached") == 1
+  assert "Warning" not in done.stderr
+
+
 def test_training_benchmark_reports_throughput_and_mfu():
   result = measure.train_throughput(TINY, steps=3, peak_flops=1e15)
   assert result["step_seconds"]["count"] == 3
