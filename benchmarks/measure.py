@@ -140,16 +140,16 @@ def synthetic_corpus(path: Path, characters: int = 1_000_000, vocab: int = 65) -
   return path
 
 
-def _run_command(args: list[str], cwd: Path, until: str | None = None,
-                 compilation_cache: Path | None = None) -> tuple[float | None, str, float]:
+def _run_command(args: list[str], cwd: Path, *, compilation_cache: Path,
+                 until: str | None = None) -> tuple[float | None, str, float]:
   """Runs a command; returns (seconds until a stdout line matched `until`, output, total).
 
-  compilation_cache: the command's compilation cache directory (a fresh one: nothing cached).
+  compilation_cache: the command's compilation cache directory (a fresh one: nothing cached),
+  used in place of any the caller's environment names.
   """
   env = dict(os.environ, PYTHONIOENCODING="utf-8")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  if compilation_cache is not None:
-    env[runtime.CACHE_ENV] = str(compilation_cache)
+  env[runtime.CACHE_ENV] = str(compilation_cache)
   start = time.perf_counter()
   proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, encoding="utf-8")

@@ -22,6 +22,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from absl import app, flags, logging
 import jax
@@ -103,15 +104,14 @@ def ops_of(hlo_text: str) -> dict[str, Op]:
   return ops
 
 
-def wall_shares(events, windows, ops: dict[str, Op]):
+def wall_shares(events, windows, part: Callable[[str], str]):
   """events: (start_ns, end_ns, name) on all threads; windows: (start_ns, end_ns) of the steps
-  -> ({part: ns}, {part: busy ns}, idle ns).
+  -> ({part: ns}, idle ns).
 
   Sweeps the steps' timeline: each interval's length goes to the operations running in it,
-  split equally; an interval inside a step where none runs goes to idle. Busy time is each
-  operation's own length.
+  split equally; an interval inside a step where none runs goes to idle.
   """
-  share, busy = collections.Counter(), collections.Counter()
+  share = collections.Counter()
   points = sorted({p for start, end, _ in events for p in (start, end)}
                   | {p for window in windows for p in window})
   events, windows = sorted(events), sorted(windows)
@@ -129,10 +129,8 @@ def wall_shares(events, windows, ops: dict[str, Op]):
       idle += b - a
       continue
     for _, _, name in running:
-      share[ops[name].part if name in ops else "unnamed"] += (b - a) / len(running)
-  for start, end, name in events:
-    busy[ops[name].part if name in ops else "unnamed"] += end - start
-  return share, busy, idle
+      share[part(name)] += (b - a) / len(running)
+  return share, idle
 
 
 def profile(shape: measure.Shape, steps: int) -> dict:
@@ -158,12 +156,15 @@ def profile(shape: measure.Shape, steps: int) -> dict:
           elif "XLA" in line.name and not event.name.startswith(_NOT_OPS):
             events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
   ops = ops_of(compiled.as_text())
-  share, busy, idle = wall_shares(events, windows, ops)
-  flops, matmul_ns = collections.Counter(), collections.Counter()
+  part = lambda name: ops[name].part if name in ops else "unnamed"
+  share, idle = wall_shares(events, windows, part)
+  # Each operation's own running time (busy), and that of the matmuls with their FLOPs.
+  busy, flops, matmul_ns = collections.Counter(), collections.Counter(), collections.Counter()
   for start, end, name in events:
+    busy[part(name)] += end - start
     if name in ops and ops[name].dot_flops:
-      flops[ops[name].part] += ops[name].dot_flops
-      matmul_ns[ops[name].part] += end - start
+      flops[part(name)] += ops[name].dot_flops
+      matmul_ns[part(name)] += end - start
   parts = [{"part": part, "ms_per_step": share[part] / steps / 1e6,
             "busy_ms_per_step": busy[part] / steps / 1e6,
             "matmul_ms_per_step": matmul_ns[part] / steps / 1e6,
