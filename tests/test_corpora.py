@@ -153,6 +153,36 @@ def test_text_documents_split_across_read_chunks_like_whole_files(tmp_path, monk
     list(sources.text_documents(tiny_config(path).data))
 
 
+@pytest.mark.parametrize("filesystem", ["local", "remote"])
+def test_data_path_listing_rules(tmp_path, filesystem):
+  """A file, a directory (every *.txt under it) or a glob. gs:// paths follow the same rules
+  through epath's own listing, run here on a local directory (its globs take no '**')."""
+  from etils import epath
+
+  (tmp_path / "sub").mkdir()
+  for name in ("a.txt", "notes.md", "sub/b.txt", "sub/c.txt"):
+    (tmp_path / name).write_text("x", encoding="utf-8")
+  if filesystem == "local":
+    files = sources.text_files
+  else:
+    files = lambda path: sources._matching_files(path, epath.Path(path), sources._remote_glob)
+  names = lambda path: [str(p.relative_to(tmp_path)) for p in files(str(path))]
+  assert names(tmp_path) == ["a.txt", "sub/b.txt", "sub/c.txt"]
+  assert names(tmp_path / "sub" / "c.txt") == ["sub/c.txt"]
+  assert names(tmp_path / "s*" / "[bz].txt") == ["sub/b.txt"]
+  if filesystem == "local":
+    assert names(tmp_path / "**" / "*.txt") == ["a.txt", "sub/b.txt", "sub/c.txt"]
+  with pytest.raises(UserError, match="does not exist"):
+    files(str(tmp_path / "missing.txt"))
+  with pytest.raises(UserError, match="matches no files"):
+    files(str(tmp_path / "*.json"))
+
+
+def test_cloud_glob_with_double_star_names_the_fix():
+  with pytest.raises(UserError, match="cannot use '\\*\\*'; name the directory"):
+    sources.text_files("gs://some-bucket/corpus/**/*.txt")
+
+
 def test_cloud_path_without_its_filesystem_package_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "gcsfs", None)  # `import gcsfs` now fails, as if not installed
   with pytest.raises(UserError, match="requirements-tpu.txt"):

@@ -18,67 +18,64 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from etils import epath
+
 from gpt2jax import errors
 from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks
 
 _HTML_TAG = re.compile(r"<[^>]{1,20}>")
 
 
-def text_files(path: str) -> list[Path]:
-  """The files a data.path names: one file, every *.txt under a directory, or a glob."""
+def text_files(path: str) -> list[epath.Path]:
+  """The files a data.path names: one file, every *.txt under a directory, or a glob; local
+  or at a gs:// (or other etils.epath) location."""
   if not path:
     raise errors.UserError(
         "data.path is empty: pass --config.data.path=FILE (a UTF-8 text file, a directory of "
         ".txt files or a glob such as 'books/*.txt')."
     )
-  if "://" in path:
-    return _remote_files(path)
-  expanded = os.path.expanduser(path)
-  if os.path.isdir(expanded):
-    files = sorted(Path(expanded).rglob("*.txt"))
-  elif glob.has_magic(expanded):
-    files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-  elif os.path.isfile(expanded):
-    files = [Path(expanded)]
-  else:
-    raise _no_such_path(path)
-  return _some_files(files, path)
-
-
-def _no_such_path(path: str) -> errors.UserError:
-  return errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
-                          "directory or glob with --config.data.path.")
-
-
-def _some_files(files: list, path: str) -> list:
-  if not files:
-    raise errors.UserError(f"data.path={path!r} matches no files.")
-  return files
-
-
-def _remote_files(path: str) -> list:
-  """Files under a gs:// (or other etils.epath) location: a file, a directory or a glob."""
+  if "://" not in path:
+    return _matching_files(path, epath.Path(os.path.expanduser(path)), _local_glob)
+  if "**" in path:  # epath refuses it: on Cloud Storage it could cost thousands of requests
+    raise errors.UserError(f"data.path={path!r}: a gs:// glob cannot use '**'; name the "
+                           "directory instead to read every .txt file under it.")
   try:
-    return _remote_files_unchecked(path)
+    return _matching_files(path, epath.Path(path), _remote_glob)
   except ImportError as e:  # etils names the missing filesystem package, e.g. gcsfs
     raise errors.UserError(f"data.path={path!r}: {e} (pip install -r requirements-tpu.txt "
                            "installs gcsfs for gs:// paths).") from e
 
 
-def _remote_files_unchecked(path: str) -> list:
-  from etils import epath
-
-  if glob.has_magic(path):
-    first_magic = min(i for i, c in enumerate(path) if c in "*?[")
-    base, pattern = path[:first_magic].rsplit("/", 1)
-    files = sorted(p for p in epath.Path(base).glob(pattern + path[first_magic:]) if p.is_file())
-  elif epath.Path(path).is_dir():
-    files = sorted(epath.Path(path).rglob("*.txt"))
-  elif epath.Path(path).exists():
-    files = [epath.Path(path)]
+def _matching_files(path: str, location: epath.Path, glob_files) -> list[epath.Path]:
+  if glob.has_magic(str(location)):
+    files = sorted(p for p in glob_files(str(location)) if p.is_file())
+  elif location.is_dir():
+    files = sorted(_txt_files_under(location))
+  elif location.is_file():
+    files = [location]
   else:
-    raise _no_such_path(path)
-  return _some_files(files, path)
+    raise errors.UserError(f"data.path={path!r} does not exist: pass an existing file, "
+                           "directory or glob with --config.data.path.")
+  if not files:
+    raise errors.UserError(f"data.path={path!r} matches no files.")
+  return files
+
+
+def _txt_files_under(directory: epath.Path) -> Iterator[epath.Path]:
+  for folder, _, names in directory.walk():
+    yield from (folder / name for name in names if name.endswith(".txt"))
+
+
+def _local_glob(pattern: str) -> Iterator[epath.Path]:
+  return (epath.Path(p) for p in glob.glob(pattern, recursive=True))
+
+
+def _remote_glob(pattern: str) -> Iterator[epath.Path]:
+  """epath globs relative to a directory: split the pattern at the last '/' before its
+  first wildcard ('gs://b/corpus/*/x.txt' -> 'gs://b/corpus' and '*/x.txt')."""
+  first_magic = min(i for i, c in enumerate(pattern) if c in "*?[")
+  base, rest = pattern[:first_magic].rsplit("/", 1)
+  return epath.Path(base).glob(rest + pattern[first_magic:])
 
 
 READ_CHUNK_BYTES = 16 << 20
