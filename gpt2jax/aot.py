@@ -27,27 +27,6 @@ from gpt2jax.steps import make_sharded_steps, validate_config
 GB = 1e9  # bandwidths in decimal units, as chip specifications give them
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip figures of a TPU generation (bf16 dense matmul peak)."""
-
-  name: str
-  peak_flops: float  # FLOP/s
-  hbm_bandwidth: float  # bytes/s
-  hbm_bytes: float
-
-
-# Keyed by the device_kind JAX reports. Cloud TPU documentation, per chip.
-CHIPS = {
-    "TPU v2": Chip("v2", 45e12, 700e9, 16 * 2**30),
-    "TPU v3": Chip("v3", 123e12, 900e9, 32 * 2**30),
-    "TPU v4": Chip("v4", 275e12, 1228e9, 32 * 2**30),
-    "TPU v5 lite": Chip("v5e", 197e12, 819e9, 16 * 2**30),
-    "TPU v5": Chip("v5p", 459e12, 2765e9, 95 * 2**30),
-    "TPU v6 lite": Chip("v6e", 918e12, 1640e9, 32 * 2**30),
-}
-
-
 class DoesNotFit(Exception):
   """The compiler found the step needs more device memory than there is."""
 
@@ -201,8 +180,8 @@ def topology_devices(topology: str) -> list:
   return list(topo.devices)
 
 
-def chip_of(device) -> Chip | None:
-  return CHIPS.get(device.device_kind)
+def chip_of(device) -> metrics.Chip | None:
+  return metrics.TPU_CHIPS.get(device.device_kind)
 
 
 @dataclasses.dataclass
@@ -213,7 +192,7 @@ class Roofline:
   mfu: float  # model FLOPs (6N + 12LTd per token) over the slice's peak in that time
 
 
-def roofline(cost: dict[str, float], chip: Chip, num_devices: int, devices_per_chip: int,
+def roofline(cost: dict[str, float], chip: metrics.Chip, num_devices: int, devices_per_chip: int,
              model_flops_per_step: float) -> Roofline:
   """Step time if each chip ran at peak FLOP/s or peak HBM bandwidth, whichever binds."""
   flops_per_chip = cost["flops"] * devices_per_chip

@@ -101,6 +101,7 @@ def test_summary_adds_up_time_and_tokens_over_resumed_sessions():
 
 def test_mfu_is_logged_against_the_devices_peak():
   assert metrics.peak_flops_per_second(["TPU v4"] * 4) == 4 * 275e12
+  assert metrics.peak_flops_per_second(["TPU v3"] * 8) == 4 * 123e12  # 2 cores per chip
   assert metrics.peak_flops_per_second(["NVIDIA H100 80GB HBM3"]) == 989e12
   assert metrics.peak_flops_per_second(["cpu"]) is None
   # nanoGPT's count: 6N + 12 L d T
