@@ -125,13 +125,29 @@ class Linear(nn.Module):
     return y
 
 
-def attention_weights(q, k, mask):
-  """Softmax attention weights in float32. q: [batch, heads, q_time, head_dim];
-  k: [batch, heads, k_time, head_dim]; mask: [batch, 1, q_time, k_time] bool."""
+def attention_weights(q, key_segments, masks):
+  """Softmax attention weights (float32) over the keys of all segments, concatenated.
+
+  q: [batch, heads, q_time, head_dim]; each segment's keys [batch, heads, k_time, head_dim]
+  with its mask [batch, 1, q_time, k_time] (bool, broadcastable). Returns
+  [batch, heads, q_time, total k_time].
+  """
   scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1)  # [batch, heads, q_time, k_time]
+  scores = [jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", q, k,
+                                       preferred_element_type=jnp.float32) * scale,
+                      jnp.finfo(jnp.float32).min)
+            for k, mask in zip(key_segments, masks)]
+  return jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+
+
+def weighted_values(weights, value_segments):
+  """sum over segments of weights[..., segment's keys] @ values: [batch, heads, q_time, d]."""
+  out, first = 0, 0
+  for v in value_segments:
+    w = weights[..., first:first + v.shape[2]]
+    out = out + jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v)
+    first += v.shape[2]
+  return out
 
 
 def split_heads(qkv, n_head: int):
@@ -163,15 +179,24 @@ class HeadsMerge(nn.Module):
     return out
 
 
-def _write_cache(layer_cache, k, v, cache_index):
-  """Writes the new keys/values at slot cache_index; returns (new cache, keys, values).
+def _index_after(cache_index, value):
+  """cache_index, computed from `value` so that XLA must finish `value` first.
 
-  layer_cache is this layer's (k, v), each [batch, heads, max_len, head_dim].
+  Decoding reads each layer's cache and then updates it in place. Without a data dependency
+  XLA cannot order the read before the write, and on CPU it then copies every layer's whole
+  cache for each decoded token (over a quarter of its time at batch 1). min(i, i + isnan(x))
+  is always i, but XLA does not simplify it away.
   """
-  k_cache, v_cache = layer_cache
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
-  return (k_cache, v_cache), k_cache, v_cache
+  not_a_number = jnp.isnan(value.reshape(-1)[0]).astype(cache_index.dtype)
+  return jnp.minimum(cache_index, cache_index + not_a_number)
+
+
+def _write_cache(layer_cache, k, v, cache_index):
+  """This layer's (k, v) cache, each [batch, heads, max_len, head_dim], with the new keys and
+  values written from slot cache_index on."""
+  write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype),
+                                                          (0, 0, cache_index, 0))
+  return write(layer_cache[0], k), write(layer_cache[1], v)
 
 
 class Dropout(nn.Module):
@@ -213,19 +238,21 @@ class CausalSelfAttention(nn.Module):
     q, k, v = split_heads(qkv, cfg.n_head)  # each [batch, heads, time, head_dim]
 
     attn_dropout = cfg.dropout > 0.0 and not self.deterministic
-    want_weights = self.is_mutable_collection("intermediates")
     new_cache = None
-    if layer_cache is None and not (attn_dropout or want_weights):
-      y = causal_attention(q, k, v)
-    else:
-      if layer_cache is not None:
-        new_cache, k, v = _write_cache(layer_cache, k, v, cache_index)
-      if mask is None:
-        mask = jnp.tril(jnp.ones((time, time), jnp.bool_))[None, None]
-      weights = attention_weights(q, k, mask)
-      self.sow("intermediates", "attention_weights", weights)
+    if layer_cache is not None:
+      # Attends to the cache's earlier slots and to the new keys as two segments, and only
+      # then writes the new keys into the cache (see _index_after).
+      earlier_mask, new_mask = mask
+      weights = attention_weights(q, (layer_cache[0], k), (earlier_mask, new_mask))
+      y = weighted_values(weights, (layer_cache[1], v))
+      new_cache = _write_cache(layer_cache, k, v, _index_after(cache_index, y))
+    elif attn_dropout or self.is_mutable_collection("intermediates"):
+      weights = attention_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),))
+      self.sow("intermediates", "attention_weights", weights)  # attention maps (plots.py)
       weights = Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
-      y = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v)
+      y = weighted_values(weights, (v,))
+    else:
+      y = causal_attention(q, k, v)
     y = HeadsMerge(cfg, name="c_proj")(y)
     y = Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     return y, new_cache
@@ -281,7 +308,7 @@ class GPT(nn.Module):
       positions = jnp.arange(time)[None, :]  # [1, time]
       mask = cache_index = None
     else:
-      positions, mask = _cached_positions_and_mask(cache, time)
+      positions, mask = _cached_positions_and_masks(cache, time)  # (earlier, new)
       cache_index = cache.index
 
     wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
@@ -334,16 +361,18 @@ class GPT(nn.Module):
     return x, (tuple(new_k), tuple(new_v))
 
 
-def _cached_positions_and_mask(cache: KVCache, time: int):
-  """Positions of the new tokens and which cache slots each may attend to."""
+def _cached_positions_and_masks(cache: KVCache, time: int):
+  """Positions of the new tokens, and which keys each may attend to: (the cache's earlier
+  slots [batch, 1, 1, max_len], the new tokens [batch, 1, time, time])."""
   max_len = cache.k[0].shape[-2]
   query_slots = cache.index + jnp.arange(time)  # [time]
   positions = jnp.maximum(query_slots[None, :] - cache.start[:, None], 0)  # [batch, time]
   key_slots = jnp.arange(max_len)
-  causal = key_slots[None, :] <= query_slots[:, None]  # [time, max_len]
-  real = key_slots[None, :] >= cache.start[:, None]  # [batch, max_len]
-  mask = causal[None, None, :, :] & real[:, None, None, :]  # [batch, 1, time, max_len]
-  return positions, mask
+  earlier = (key_slots[None, :] < cache.index) & (key_slots[None, :] >= cache.start[:, None])
+  causal = jnp.tril(jnp.ones((time, time), jnp.bool_))
+  real = query_slots[None, :] >= cache.start[:, None]  # [batch, time]: not left padding
+  new = causal[None, None] & real[:, None, None, :]
+  return positions, (earlier[:, None, None, :], new)
 
 
 def count_params(params: Any, *, non_embedding: bool = False) -> int:

@@ -70,9 +70,16 @@ def sample_token(logits, rng, temperature, top_k: int, top_p: float):
   return jnp.where(temperature == 0, greedy, drawn).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
 def _prefill(model: GPT, params, tokens, start):
+  """Logits after the last of the (left-padded) tokens, and their KV cache."""
+  # The empty cache is made outside the jitted function: as a constant inside it, XLA
+  # constant-folds the attention over its (all masked) slots, for seconds per layer.
   cache = KVCache.create(model.config, tokens.shape[0], start)
+  return _jitted_prefill(model, params, tokens, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _jitted_prefill(model: GPT, params, tokens, cache: KVCache):
   logits, cache = model.apply({"params": params}, tokens, cache=cache)
   return logits[:, -1], cache
 

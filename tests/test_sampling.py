@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,30 @@ def test_sampled_tokens_follow_the_filtered_distribution():
   tokens = np.asarray(sampling.sample_token(logits, jax.random.key(0), jnp.float32(1.0), 0, 0.7))
   assert set(tokens.tolist()) == {0, 1}
   assert np.mean(tokens == 0) == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def loop_bodies(hlo_text: str) -> list[str]:
+  """The text of every while loop's body computation in a compiled module's HLO."""
+  names = re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo_text)
+  return [re.search(rf"^%?{re.escape(name)} .*?^\}}", hlo_text, re.M | re.S).group(0)
+          for name in names]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoding_updates_the_cache_in_place(params, batch):
+  """No copy of a layer's whole KV cache per decoded token (see model._index_after)."""
+  model = GPT(CONFIG)
+  start = jnp.zeros((batch,), jnp.int32)
+  logits, cache = sampling._prefill(model, params, jnp.ones((batch, 4), jnp.int32), start)
+  hlo = sampling._decode.lower(
+      model, params, cache, logits, jax.random.key(0), jnp.zeros((batch,), bool), 8,
+      jnp.float32(1.0), 0, top_k=0, top_p=1.0, max_steps=CONFIG.block_size).compile().as_text()
+  layer_cache = r"f32\[%d,%d,%d,%d\]" % (batch, CONFIG.n_head, CONFIG.block_size,
+                                           CONFIG.head_dim)
+  bodies = [body for body in loop_bodies(hlo) if re.search(layer_cache, body)]
+  assert bodies, "no decoding loop found"
+  for body in bodies:
+    assert not re.search(layer_cache + r"\S* copy\(", body)
 
 
 @pytest.mark.parametrize("prompts", [[[3, 4, 5]], [[3], [7, 8, 9, 10, 11]]])
