@@ -40,7 +40,8 @@ LOCK_FILE = ".lock"  # held by the training run using the workdir
 # Config keys that fix the parameter shapes or the vocabulary: a resumed run must match them.
 SHAPE_KEYS = (
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
-    "model.tie_embeddings", "model.scan_layers", "tokenizer.kind", "tokenizer.vocab_size",
+    "model.tie_embeddings", "model.scan_layers", "model.vocab_size", "tokenizer.kind",
+    "tokenizer.vocab_size",
 )
 
 
@@ -74,8 +75,10 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
   diffs = []
   for key in SHAPE_KEYS:
     before, after = _lookup(saved, key), _lookup(current, key)
-    if key == "tokenizer.vocab_size" and _lookup(current, "tokenizer.kind") == "char":
-      continue  # char vocabularies are sized by the corpus
+    if key == "tokenizer.vocab_size" and _lookup(current, "tokenizer.kind") in ("char", "hf"):
+      continue  # sized by the corpus, or by the tokenizer file
+    if key == "model.vocab_size" and not after:
+      continue  # 0: the tokenizer's, which the keys above already compare
     if before != after:
       diffs.append(f"{key}: {before!r} -> {after!r}")
   return diffs

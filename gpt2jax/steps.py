@@ -134,6 +134,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(f"train.{key} must be at least 1, got {t[key]}.")
   if t.learning_rate <= 0:
     raise errors.UserError(f"train.learning_rate must be positive, got {t.learning_rate}.")
+  if config.tokenizer.kind == "hf" and not config.tokenizer.get("path"):
+    raise errors.UserError(
+        "tokenizer.kind='hf' reads a tokenizer.json: set --config.init_from to a transformers "
+        "GPT-2 directory (its weights and tokenizer), or --config.tokenizer.path to a "
+        "tokenizer.json to train a new model with.")
   # The model's and the schedule's own checks, before any work is done or file written.
   GPTConfig.from_config(config.model, vocab_size=1)
   optim.learning_rate_schedule(t)

@@ -1,8 +1,9 @@
-"""Tokenizers that round-trip exactly: a character vocabulary and SentencePiece BPE.
+"""Tokenizers that round-trip exactly: a character vocabulary and SentencePiece BPE, and
+any tokenizer.json (kind 'hf', see gpt2jax.hf_tokenizer).
 
-Both are trained on the corpus, saved as data files (JSON, SentencePiece model) in a
-directory of the workdir, and loaded back by resumed runs and by sample.py. The special ids
-(end-of-text, padding) are stored explicitly next to the vocabulary.
+The first two are trained on the corpus; all are saved as data files (JSON, SentencePiece
+model) in a directory of the workdir, and loaded back by resumed runs and by sample.py. The
+special ids (end-of-text, padding) are stored explicitly next to the vocabulary.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Tokenizer(Protocol):
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
+  def encode_prompt(self, text: str) -> list[int]:
+    """The ids a model is given for a prompt (never empty): a document's start, then text."""
+
   def decode(self, ids: Iterable[int]) -> str: ...
 
   def token_strings(self, ids: Iterable[int]) -> list[str]: ...
@@ -43,10 +47,20 @@ class Tokenizer(Protocol):
   def save(self, directory: str | os.PathLike) -> None: ...
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_atomic(path: Path, text: str) -> None:
+  """Writes a UTF-8 file under a temporary name, then renames it: never half a file."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+  tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+  write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def _end_of_text_then(tokenizer, text: str) -> list[int]:
+  # Training puts end-of-text before every document, so a prompt starts a document the same way.
+  return [tokenizer.eos_id] + tokenizer.encode(text)
 
 
 class CharTokenizer:
@@ -90,6 +104,9 @@ class CharTokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return _end_of_text_then(self, text)
 
   def decode(self, ids: Iterable[int]) -> str:
     return "".join(self.chars[i] for i in ids if i < len(self.chars))
@@ -155,6 +172,9 @@ class SentencePieceTokenizer:
     if not any(SPM_SPACE in t for t in texts):
       return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
     return [self._encode_with_literal_spaces(t) for t in texts]
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return _end_of_text_then(self, text)
 
   def _encode_with_literal_spaces(self, text: str) -> list[int]:
     parts = text.split(SPM_SPACE)
@@ -235,7 +255,37 @@ def train_tokenizer(tokenizer_config, documents: Iterable[str], seed: int = 0) -
         character_coverage=tokenizer_config.character_coverage,
         input_sentence_size=tokenizer_config.input_sentence_size, seed=seed,
     )
-  raise errors.UserError(f"tokenizer.kind={kind!r} is unknown: use 'char' or 'bpe'.")
+  if kind == "hf":  # nothing to train: the file is the tokenizer
+    from gpt2jax.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.from_path(tokenizer_config.get("path", ""),
+                                 tokenizer_config.get("eos_token", ""))
+  raise errors.UserError(f"tokenizer.kind={kind!r} is unknown: use 'char', 'bpe' or 'hf'.")
+
+
+VOCAB_MULTIPLE = 64  # a tokenizer.json's vocabulary is padded to it in the model
+
+
+def model_vocab_size(tokenizer: Tokenizer, model_config) -> int:
+  """How many ids the model's embedding holds.
+
+  model.vocab_size when set (a GPT-2 checkpoint's, or the one a run recorded), else the
+  tokenizer's vocabulary: a tokenizer.json's rounded up to a multiple of VOCAB_MULTIPLE
+  (GPT-2's 50,257 -> 50,304, as nanoGPT pads it, for matmuls of a friendlier size); char and
+  SentencePiece vocabularies exactly (recipes choose round BPE sizes themselves). Ids past
+  the tokenizer's are never sampled.
+  """
+  configured = model_config.get("vocab_size", 0)
+  if configured:
+    if configured < tokenizer.vocab_size:
+      raise errors.UserError(
+          f"The tokenizer has {tokenizer.vocab_size:,} tokens but the model only "
+          f"{configured:,} (model.vocab_size): use the model's own tokenizer, or a model with "
+          "a vocabulary at least as large.")
+    return configured
+  if tokenizer.kind == "hf":
+    return -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  return tokenizer.vocab_size
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
@@ -245,14 +295,20 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
   if not meta_path.exists():
     raise errors.UserError(f"No tokenizer in {directory}: expected {meta_path}.")
   meta = json.loads(meta_path.read_text(encoding="utf-8"))
-  if meta["kind"] == "char":
-    tokenizer = CharTokenizer(meta["chars"])
-  elif meta["kind"] == "bpe":
+  if meta["kind"] in ("bpe", "hf"):
     model_file = str(meta["model_file"])
     if Path(model_file).name != model_file:  # a workdir's files never point outside it
       raise errors.UserError(f"{meta_path}: model_file {model_file!r} must be a file name in "
                              f"{directory}.")
+  if meta["kind"] == "char":
+    tokenizer = CharTokenizer(meta["chars"])
+  elif meta["kind"] == "bpe":
     tokenizer = SentencePieceTokenizer((directory / model_file).read_bytes())
+  elif meta["kind"] == "hf":
+    from gpt2jax.hf_tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer((directory / model_file).read_text(encoding="utf-8"),
+                            meta["eos_token"], source=str(directory / model_file))
   else:
     raise errors.UserError(f"{meta_path} names an unknown tokenizer kind {meta['kind']!r}.")
   if (tokenizer.eos_id, tokenizer.pad_id) != (meta["eos_id"], meta["pad_id"]):
@@ -264,8 +320,10 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
   """A short hash that changes whenever the vocabulary does."""
   import hashlib
 
-  if isinstance(tokenizer, CharTokenizer):
+  if tokenizer.kind == "char":
     payload = ("char:" + tokenizer.chars).encode("utf-8")
+  elif tokenizer.kind == "hf":
+    payload = ("hf:" + tokenizer.eos_token + "\n" + tokenizer.json_text).encode("utf-8")
   else:
     payload = b"bpe:" + tokenizer.model_proto
   return hashlib.sha256(payload).hexdigest()[:16]

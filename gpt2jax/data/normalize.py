@@ -8,10 +8,10 @@ import unicodedata
 # Hebrew points (niqqud), cantillation marks (te'amim) and other combining marks live in
 # U+0591..U+05C7 with Unicode category Mn. Maqaf, sof pasuq, paseq and nun hafukha in the same
 # block are punctuation (Pd/Po) and stay.
-_HEBREW_MARKS = "".join(
+HEBREW_MARKS = "".join(
     chr(c) for c in range(0x0591, 0x05C8) if unicodedata.category(chr(c)) == "Mn"
 )
-_HEBREW_MARKS_RE = re.compile(f"[{_HEBREW_MARKS}]")
+_HEBREW_MARKS_RE = re.compile(f"[{HEBREW_MARKS}]")
 
 
 def normalize_text(text: str) -> str:
@@ -22,3 +22,8 @@ def normalize_text(text: str) -> str:
 def strip_hebrew_marks(text: str) -> str:
   """Removes niqqud and cantillation, leaving the consonantal Hebrew text."""
   return _HEBREW_MARKS_RE.sub("", text)
+
+
+def strips_hebrew_marks(data_config) -> bool:
+  """Whether the corpus (and so every prompt) loses its Hebrew marks."""
+  return "hebrew" in data_config.corpus.split("+") and not data_config.keep_niqqud

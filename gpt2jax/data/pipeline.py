@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -61,12 +62,27 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
     else:
       text = (part for part, _ in tokens.split_parts(read(), train_chars) if part)
     tokenizer = tokenizer_lib.train_tokenizer(config.tokenizer, text, seed=config.seed)
+    if tokenizer.kind == "hf":
+      _note_inexact_round_trip(tokenizer, read())
     tokenizer.save(tokenizer_dir)
   else:
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
   train, val = tokens.cached_splits(Path(workdir) / DATA_DIR, tokenizer, read, scan,
                                     train_chars, _split_settings(config.data))
   return PreparedData(tokenizer, train, val, scan.num_documents, scan.num_characters, trained)
+
+
+def _note_inexact_round_trip(tokenizer, documents, how_many: int = 200) -> None:
+  """A tokenizer.json may not give back the text it encodes (lower-casing, unknown tokens):
+  say so once, with an example from the corpus."""
+  from gpt2jax.hf_tokenizer import round_trip_failure
+
+  failure = round_trip_failure(tokenizer, itertools.islice(documents, how_many))
+  if failure is not None:
+    decoded = tokenizer.decode(tokenizer.encode(failure))
+    print(f"note: this tokenizer does not give its text back exactly (e.g. {failure[:40]!r} "
+          f"decodes to {decoded[:40]!r}): samples will differ from the corpus in such places.",
+          file=sys.stderr)
 
 
 def prepare_data_on_every_process(config, workdir: Path, resuming: bool) -> PreparedData:
