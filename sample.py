@@ -1,6 +1,7 @@
 """Generate text from a trained run: python sample.py --prompt="..." [--workdir=runs/hebrew].
 
-With --attention_plot=attn.png it draws the attention weights over the prompt instead.
+--init_from=DIR samples from a transformers GPT-2 directory instead. With
+--attention_plot=attn.png it draws the attention weights over the prompt.
 """
 
 import sys
@@ -24,6 +25,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 is
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load. Default: the latest.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Instead of a workdir: a transformers GPT-2 directory (config.json, "
+    "model.safetensors, tokenizer.json), used as it is.")
 _USE_CACHE = flags.DEFINE_bool("use_cache", True, "Decode with the KV cache (fast).")
 _ATTENTION_PLOT = flags.DEFINE_string(
     "attention_plot", None, "Instead of sampling, draw the attention weights of --layer and "
@@ -45,11 +49,8 @@ def _prompts() -> list[str]:
 
 
 def _sample() -> None:
-  workdir = _WORKDIR.value
-  if workdir is None:
-    workdir = sampling.find_latest_run()
-    print(f"sampling from {workdir} (the most recently trained run)", file=sys.stderr)
-  loaded = sampling.load_model(workdir, _STEP.value)
+  loaded = sampling.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
+                                  doing="sampling from")
   if _ATTENTION_PLOT.value:
     _draw_attention(loaded)
     return

@@ -10,6 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A transformers GPT-2 directory (config.json + model.safetensors + tokenizer.json) to start
+  # from: its weights, model shape and tokenizer replace the random start (see README).
+  config.init_from = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.n_layer = 4
@@ -22,9 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype; params stay float32
   config.model.remat = False  # rematerialise blocks in the backward pass
   config.model.scan_layers = False  # layers under lax.scan: compile time independent of depth
+  # Ids the model's embedding holds; 0: the tokenizer's vocabulary (a tokenizer.json's rounded
+  # up to a multiple of 64). Set from the checkpoint with init_from.
+  config.model.vocab_size = 0
 
   config.tokenizer = ml_collections.ConfigDict()
-  config.tokenizer.kind = "bpe"  # 'bpe' (SentencePiece) or 'char'
+  config.tokenizer.kind = "bpe"  # 'bpe' (SentencePiece), 'char', or 'hf' (a tokenizer.json)
+  config.tokenizer.path = ""  # kind 'hf': a tokenizer.json or a directory holding one
+  config.tokenizer.eos_token = ""  # kind 'hf': end-of-text token; "": from the file
   config.tokenizer.vocab_size = 4000  # BPE only; char vocabularies are sized by the corpus
   config.tokenizer.character_coverage = 1.0
   config.tokenizer.input_sentence_size = 2_000_000  # lines sampled to train the BPE model

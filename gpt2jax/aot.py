@@ -260,21 +260,27 @@ def topology_report(topology: str, devices, mesh, compiled: CompiledStep, num_pa
 
 
 def _vocab_size_for_compile(config, workdir: Path) -> int:
-  """The workdir's tokenizer when it has one, else config.tokenizer.vocab_size (a char
-  vocabulary's true size is only known from the corpus)."""
+  """model.vocab_size when set (init_from sets it), else the workdir's tokenizer's when it has
+  one, else config.tokenizer.vocab_size (a char vocabulary's true size is only known from the
+  corpus)."""
   from gpt2jax import tokenizer as tokenizer_lib
   from gpt2jax.checkpoint import TOKENIZER_DIR
 
+  if config.model.get("vocab_size", 0):
+    return config.model.vocab_size
   if (workdir / TOKENIZER_DIR / tokenizer_lib.TOKENIZER_JSON).exists():
-    return tokenizer_lib.load_tokenizer(workdir / TOKENIZER_DIR).vocab_size
+    tokenizer = tokenizer_lib.load_tokenizer(workdir / TOKENIZER_DIR)
+    return tokenizer_lib.model_vocab_size(tokenizer, config.model)
   return config.tokenizer.vocab_size
 
 
 def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   """Compiles the sharded train step -- for a TPU topology, or for this machine's devices --
   without data or training, and returns the memory, FLOPs and roofline report."""
+  from gpt2jax import pretrained
   from gpt2jax.model import GPT, GPTConfig, count_params
 
+  config, _ = pretrained.resolve_config(config)
   validate_config(config)
   devices = topology_devices(topology) if topology else jax.devices()
   mesh = parallel.make_mesh(config.mesh, devices)

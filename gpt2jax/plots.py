@@ -270,8 +270,8 @@ def draw_prompt_attention(loaded: Any, prompt: str, path: str | Path, *, layer: 
                           head: str, warn: Callable[[str], None] = print) -> Path:
   """Attention heatmap of one layer (one head, or all) over a prompt's tokens.
 
-  loaded: a sampling.LoadedModel. The prompt is normalized as the corpus was and preceded by
-  end-of-text, the start-of-document context the model was trained with.
+  loaded: a sampling.LoadedModel. The prompt is normalized as the corpus was and encoded as a
+  prompt is (after end-of-text, the start-of-document context the model was trained with).
   """
   cfg = loaded.model.config
   if not 0 <= layer < cfg.n_layer:
@@ -283,14 +283,14 @@ def draw_prompt_attention(loaded: Any, prompt: str, path: str | Path, *, layer: 
   if not text:
     raise UserError("--attention_plot needs a --prompt to draw the attention over.")
   tokenizer = loaded.tokenizer
-  ids = [tokenizer.eos_id] + tokenizer.encode(text)
+  ids = tokenizer.encode_prompt(text)
   if len(ids) > cfg.block_size:
-    warn(f"warning: the prompt has {len(ids) - 1} tokens but the model sees {cfg.block_size}: "
+    warn(f"warning: the prompt has {len(ids)} tokens but the model sees {cfg.block_size}: "
          "only the last ones are drawn.")
     ids = ids[-cfg.block_size:]
   weights = attention_maps(loaded.model, loaded.params, ids)[layer]
   which = f"head {heads[0]}" if len(heads) == 1 else "all heads"
-  title = f"{loaded.workdir.name} (step {loaded.step}): layer {layer}, {which}"
+  title = f"{loaded.short_name}: layer {layer}, {which}"
   fig = attention_figure(weights, tokenizer.token_strings(ids), title=title, heads=heads,
                          right_to_left=is_right_to_left(text), warn=warn)
   return _save(fig, Path(path), dpi=110)

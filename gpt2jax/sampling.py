@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax import checkpoint as ckpt
-from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks
+from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks, strips_hebrew_marks
 from gpt2jax.errors import UserError
 from gpt2jax.model import GPT, GPTConfig, KVCache
-from gpt2jax.tokenizer import load_tokenizer
+from gpt2jax.tokenizer import load_tokenizer, model_vocab_size
 
 
 
@@ -62,8 +63,15 @@ def filter_logits(logits, top_k: int, top_p: float):
   return logits
 
 
-def sample_token(logits, rng, temperature, top_k: int, top_p: float):
-  """Next token per row: argmax when temperature == 0, else a filtered categorical draw."""
+def sample_token(logits, rng, temperature, top_k: int, top_p: float, num_tokens=None):
+  """Next token per row: argmax when temperature == 0, else a filtered categorical draw.
+
+  num_tokens: ids at or above it are never drawn (a model's vocabulary may be padded past the
+  tokenizer's).
+  """
+  if num_tokens is not None:
+    vocabulary = jnp.arange(logits.shape[-1]) < num_tokens
+    logits = jnp.where(vocabulary, logits, jnp.finfo(logits.dtype).min)
   greedy = jnp.argmax(logits, axis=-1)
   scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
   drawn = jax.random.categorical(rng, scaled, axis=-1)
@@ -86,7 +94,7 @@ def _jitted_prefill(model: GPT, params, tokens, cache: KVCache):
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k", "top_p", "max_steps"))
 def _decode(model: GPT, params, cache, last_logits, rng, done, num_steps, temperature,
-            eos_id, *, top_k: int, top_p: float, max_steps: int):
+            eos_id, num_tokens, *, top_k: int, top_p: float, max_steps: int):
   """Draws up to num_steps tokens (<= max_steps, static) or until every row is done."""
   batch = last_logits.shape[0]
 
@@ -97,7 +105,7 @@ def _decode(model: GPT, params, cache, last_logits, rng, done, num_steps, temper
   def body(carry):
     step, cache, logits, rng, done, out = carry
     rng, draw_rng = jax.random.split(rng)
-    token = sample_token(logits, draw_rng, temperature, top_k, top_p)
+    token = sample_token(logits, draw_rng, temperature, top_k, top_p, num_tokens)
     token = jnp.where(done, eos_id, token)
     out = out.at[:, step].set(token)
     done = done | (token == eos_id)
@@ -127,14 +135,19 @@ def _bucket(length: int, block_size: int, limit: int) -> int:
 
 
 def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: SamplingOptions,
-             *, eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True
-             ) -> list[list[int]]:
-  """New tokens for each prompt (end-of-text not included). Prompts must be non-empty."""
+             *, eos_id: int, pad_id: int, seed: int = 0, use_cache: bool = True,
+             vocab_size: int | None = None) -> list[list[int]]:
+  """New tokens for each prompt (end-of-text not included). Prompts must be non-empty.
+
+  vocab_size: the tokenizer's, when the model's vocabulary is padded past it (never drawn).
+  """
   if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (use [eos_id] to start fresh)")
   rng = jax.random.key(seed)
+  num_tokens = jnp.int32(vocab_size or model.config.vocab_size)
   if not use_cache:
-    return _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng)
+    return _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng,
+                                   num_tokens)
   block = model.config.block_size
   sequences = [list(p)[-(block - 1):] for p in prompts]
   new_tokens: list[list[int]] = [[] for _ in prompts]
@@ -148,8 +161,8 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: Samp
     steps_here = min(remaining, block - context_len)  # every drawn token is fed back
     out, steps, done_after, rng = _decode(
         model, params, cache, last_logits, rng, jnp.asarray(done), steps_here,
-        jnp.float32(options.temperature), stop_id, top_k=options.top_k, top_p=options.top_p,
-        max_steps=block,
+        jnp.float32(options.temperature), stop_id, num_tokens, top_k=options.top_k,
+        top_p=options.top_p, max_steps=block,
     )
     out, steps = np.asarray(out), int(steps)
     for i in range(len(prompts)):
@@ -164,7 +177,7 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: Samp
   return new_tokens
 
 
-def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng):
+def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng, num_tokens):
   """Reference decoding: a full forward over the whole context for every new token."""
   block = model.config.block_size
   sequences = [list(p) for p in prompts]
@@ -178,7 +191,7 @@ def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng
     logits, _ = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(start))
     rng, draw_rng = jax.random.split(rng)
     token = np.asarray(sample_token(logits, draw_rng, jnp.float32(options.temperature),
-                                    options.top_k, options.top_p))
+                                    options.top_k, options.top_p, num_tokens))
     for i, t in enumerate(token):
       if not done[i]:
         if t == stop_id:
@@ -193,19 +206,36 @@ def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A trained run ready for inference."""
+  """A trained run (or an imported transformers GPT-2, see gpt2jax.pretrained) ready for
+  inference."""
 
-  workdir: Path
+  workdir: Path  # the run's workdir, or the transformers directory
   config: Any  # the run's ml_collections config
   model: GPT
   params: Any
   tokenizer: Any
   step: int
+  from_workdir: bool = True  # False: a transformers GPT-2, whose text is taken as it is
+
+  @property
+  def name(self) -> str:
+    """How messages name the model."""
+    return f"{self.workdir} ({self._what})"
+
+  @property
+  def short_name(self) -> str:
+    return f"{self.workdir.name} ({self._what})"
+
+  @property
+  def _what(self) -> str:
+    return f"step {self.step}" if self.from_workdir else "transformers GPT-2"
 
   def normalize_prompt(self, text: str) -> str:
     """The corpus's normalization, so prompts look like the training text."""
+    if not self.from_workdir:
+      return text
     text = normalize_text(text)
-    if "hebrew" in self.config.data.corpus.split("+") and not self.config.data.keep_niqqud:
+    if strips_hebrew_marks(self.config.data):
       text = strip_hebrew_marks(text)
     return text
 
@@ -231,7 +261,7 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
     raise UserError(f"--workdir {workdir} does not exist.")
   config = ckpt.load_config(workdir)
   tokenizer = load_tokenizer(workdir / ckpt.TOKENIZER_DIR)
-  model = GPT(GPTConfig.from_config(config.model, tokenizer.vocab_size))
+  model = GPT(GPTConfig.from_config(config.model, model_vocab_size(tokenizer, config.model)))
   checkpoints = ckpt.Checkpoints(workdir, async_save=False, for_training=False)
   if step is None:
     step = checkpoints.latest_step()
@@ -242,6 +272,23 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
   abstract_params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
   params = checkpoints.restore_params(step, abstract_params)
   return LoadedModel(workdir, config, model, params, tokenizer, step)
+
+
+def load_requested(workdir: str | None, step: int | None = None, init_from: str | None = None,
+                   *, doing: str = "using") -> LoadedModel:
+  """The model an entry point's flags name: --init_from (a transformers GPT-2 directory, as
+  it is), or --workdir at --step (default: the most recently trained run, said on stderr)."""
+  if init_from:
+    if workdir or step is not None:
+      raise UserError("--init_from loads a transformers GPT-2 directory instead of a run: "
+                      "leave out --workdir and --step.")
+    from gpt2jax.pretrained import load_pretrained
+
+    return load_pretrained(init_from)
+  if workdir is None:
+    workdir = find_latest_run()
+    print(f"{doing} {workdir} (the most recently trained run)", file=sys.stderr)
+  return load_model(workdir, step)
 
 
 def complete_prompts(loaded: LoadedModel, prompts: Sequence[str], options: SamplingOptions,
@@ -258,11 +305,12 @@ def complete_prompts(loaded: LoadedModel, prompts: Sequence[str], options: Sampl
   texts = [loaded.normalize_prompt(p) for p in prompts] or [""]
   rows = []
   for text in texts:
-    ids = [tokenizer.eos_id] + tokenizer.encode(text)  # end-of-text marks a document start
+    ids = tokenizer.encode_prompt(text)
     if len(ids) > block - 1:
       warn(f"warning: the prompt has {len(ids) - 1} tokens but the model sees {block - 1}: "
            "it is cropped from the left.")
     rows.extend([ids] * num_samples)
   new = generate(loaded.model, loaded.params, rows, options, eos_id=tokenizer.eos_id,
-                 pad_id=tokenizer.pad_id, seed=seed, use_cache=use_cache)
+                 pad_id=tokenizer.pad_id, seed=seed, use_cache=use_cache,
+                 vocab_size=tokenizer.vocab_size)
   return [texts[i // num_samples] + tokenizer.decode(tokens) for i, tokens in enumerate(new)]

@@ -14,12 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt2jax import aot, errors, metrics, parallel, plots, preemption, sampling
+from gpt2jax import aot, errors, metrics, parallel, plots, preemption, pretrained, sampling
 from gpt2jax import checkpoint as ckpt
 from gpt2jax.data import batches as batches_lib
 from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
 from gpt2jax.steps import ShardedSteps, TrainState, make_sharded_steps, validate_config
+from gpt2jax.tokenizer import model_vocab_size
 
 
 @dataclasses.dataclass
@@ -76,8 +77,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
   t = config.train
   parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)  # before any data work
   data = prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
-  model_config = GPTConfig.from_config(config.model, data.tokenizer.vocab_size)
-  model = GPT(model_config)
+  config.model.vocab_size = model_vocab_size(data.tokenizer, config.model)  # kept in config.json
+  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
 
   steps = make_sharded_steps(config, model, mesh)
   resume_meta = {}
@@ -85,6 +86,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     state, resume_meta = checkpoints.restore(start_step, steps.abstract_state)
   else:
     state = steps.init(config.seed)
+    if config.init_from:  # a GPT-2 checkpoint's weights instead of random ones
+      state = state.replace(
+          params=pretrained.initial_params(config, model, steps.abstract_state.params))
   batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
   # Compiled while the step-0 evaluation compiles and runs: start-up pays for both at once.
   compiling = aot.compile_step_in_background(steps.train_step, mesh, steps.abstract_state, batch)
@@ -101,11 +105,11 @@ def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
 def generate_sample(run: Run, params, step: int) -> str:
   t = run.config.train
   tokenizer = run.data.tokenizer
-  prompt = tokenizer.encode(t.sample_prompt) if t.sample_prompt else []
   options = sampling.SamplingOptions(max_new_tokens=t.sample_tokens,
                                      temperature=t.sample_temperature, top_k=t.sample_top_k)
-  new = sampling.generate(run.model, params, [[tokenizer.eos_id] + prompt], options,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=step)[0]
+  new = sampling.generate(run.model, params, [tokenizer.encode_prompt(t.sample_prompt)], options,
+                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=step,
+                          vocab_size=tokenizer.vocab_size)[0]
   return t.sample_prompt + tokenizer.decode(new)
 
 
@@ -114,13 +118,15 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
   console.print(
       f"corpus {run.config.data.corpus!r}: {data.num_documents:,} documents, "
       f"{data.num_characters:,} characters; {data.tokenizer.kind} tokenizer "
-      f"({'trained' if data.trained_tokenizer else 'loaded'}), vocabulary "
-      f"{data.tokenizer.vocab_size:,}; tokens train {len(data.train.tokens):,} / val "
+      f"({'trained' if data.trained_tokenizer and data.tokenizer.kind != 'hf' else 'loaded'}), "
+      f"vocabulary {data.tokenizer.vocab_size:,}; tokens train {len(data.train.tokens):,} / val "
       f"{len(data.val.tokens):,} ({data.val.bytes_per_token:.2f} bytes per token)")
   console.print(
       f"model: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block "
       f"{cfg.block_size}, {count_params(run.state.params):,} parameters, {cfg.dtype}; "
-      + (f"resuming from step {run.start_step}" if run.start_step else "starting from scratch"))
+      + (f"resuming from step {run.start_step}" if run.start_step else
+         f"starting from {run.config.init_from}" if run.config.init_from else
+         "starting from scratch"))
 
 
 class _NonfiniteGuard:
@@ -166,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   resume_command is the command shown for resuming. A NaN or infinite loss stops it with
   errors.TrainingDiverged, keeping the last good checkpoint.
   """
+  config, init_note = pretrained.resolve_config(config)
+  if init_note and jax.process_index() == 0:
+    print(init_note, flush=True)
   validate_config(config)
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
