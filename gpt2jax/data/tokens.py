@@ -220,3 +220,12 @@ def _load_split(cache_dir: Path, meta: dict, name: str) -> Split:
   else:
     tokens = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(info["num_tokens"],))
   return Split(tokens=tokens, num_bytes=info["num_bytes"])
+
+
+def read_cached_split(cache_dir: Path, name: str) -> np.ndarray | None:
+  """The token ids of split `name` in a workdir's cache (memory-mapped), or None without one."""
+  meta_path = Path(cache_dir) / META_FILE
+  if not meta_path.exists():
+    return None
+  return _load_split(Path(cache_dir), json.loads(meta_path.read_text(encoding="utf-8")),
+                     name).tokens
