@@ -54,7 +54,8 @@ def test_decoding_updates_the_cache_in_place(params, batch):
   logits, cache = sampling._prefill(model, params, jnp.ones((batch, 4), jnp.int32), start)
   hlo = sampling._decode.lower(
       model, params, cache, logits, jax.random.key(0), jnp.zeros((batch,), bool), 8,
-      jnp.float32(1.0), 0, top_k=0, top_p=1.0, max_steps=CONFIG.block_size).compile().as_text()
+      jnp.float32(1.0), 0, jnp.int32(CONFIG.vocab_size), top_k=0, top_p=1.0,
+      max_steps=CONFIG.block_size).compile().as_text()
   layer_cache = r"f32\[%d,%d,%d,%d\]" % (batch, CONFIG.n_head, CONFIG.block_size,
                                            CONFIG.head_dim)
   bodies = [body for body in loop_bodies(hlo) if re.search(layer_cache, body)]
