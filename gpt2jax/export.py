@@ -102,17 +102,10 @@ def export_run(loaded: sampling.LoadedModel, out: str | Path) -> ExportReport:
   return ExportReport(out, len(texts), len(tensors))
 
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "The run to export. Default: the most recently trained run in runs/.")
-_OUT = flags.DEFINE_string("out", None, "A new directory for the transformers model.",
-                           required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export. Default: the latest.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
-
-
 def _export() -> None:
-  loaded = sampling.load_requested(_WORKDIR.value, _STEP.value, doing="exporting")
-  report = export_run(loaded, _OUT.value)
+  options = flags.FLAGS
+  loaded = sampling.load_requested(options.workdir, options.step, doing="exporting")
+  report = export_run(loaded, options.out)
   print(f"wrote {report.out}: {loaded.name}, {loaded.tokenizer.kind} tokenizer; "
         f"{report.tensors} tensors read back equal, tokenizer ids equal to gpt2jax's on "
         f"{report.texts_checked:,} texts.\n"
@@ -123,8 +116,14 @@ def _export() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.run_main(_export, verbose=_VERBOSE.value)
+  cli.run_main(_export, verbose=flags.FLAGS.verbose)
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the tests and other tools import export_run.
+  flags.DEFINE_string("workdir", None,
+                      "The run to export. Default: the most recently trained run in runs/.")
+  flags.DEFINE_string("out", None, "A new directory for the transformers model.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step to export. Default: the latest.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
   app.run(main, flags_parser=cli.parse_flags)

@@ -212,16 +212,16 @@ def _sentencepiece_tokenizer(tokenizer):
 
 def _hf_tokenizer_normalized(tokenizer: HFTokenizer, strip_hebrew_marks: bool):
   """The run's own tokenizer.json with the corpus's normalization before its own."""
-  from tokenizers import Tokenizer
+  from tokenizers import Tokenizer, models
 
-  tok = Tokenizer.from_str(tokenizer.json_text)
-  steps = [json.loads(_normalizer(strip_hebrew_marks).to_str())]
-  own = json.loads(tok.to_str()).get("normalizer")
+  carrier = Tokenizer(models.BPE())  # serializes the normalizer
+  carrier.normalizer = _normalizer(strip_hebrew_marks)
+  steps = json.loads(carrier.to_str())["normalizer"]["normalizers"]
+  data = json.loads(tokenizer.json_text)
+  own = data.get("normalizer")
   if own:
-    steps.append(own)
-  data = json.loads(tok.to_str())
-  data["normalizer"] = {"type": "Sequence", "normalizers": [
-      s for step in steps for s in (step["normalizers"] if step["type"] == "Sequence" else [step])]}
+    steps += own["normalizers"] if own["type"] == "Sequence" else [own]
+  data["normalizer"] = {"type": "Sequence", "normalizers": steps}
   return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 

@@ -276,6 +276,10 @@ def test_finetuning_a_gpt2_lowers_its_loss_resumes_exactly_and_samples(tmp_path,
   text = sampling.complete_prompts(loaded, ["And God said"], sampling.SamplingOptions(
       max_new_tokens=10, temperature=0.0))[0]
   assert text.startswith("And God said") and len(text) > len("And God said")
+  # Out again: GPT-2's own tokenizer.json (with the corpus's NFC before it) and the new weights.
+  ours, report, back = exported_and_back(tmp_path, tmp_path / "run")
+  assert back.model.config.vocab_size == 512 and back.model.config.block_size == 32
+  assert_same_model(ours, back, ["And God said", "בראשית ברא"])
 
 
 def test_init_from_refuses_a_block_longer_than_the_checkpoints_positions(tmp_path):
