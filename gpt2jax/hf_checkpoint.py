@@ -55,7 +55,6 @@ class GPT2Shape:
   n_layer: int
   n_head: int
   tie_embeddings: bool
-  eos_token_id: int | None
 
   def model_fields(self) -> dict:
     """GPTConfig fields (but vocab_size and block_size, which the caller decides)."""
@@ -108,8 +107,7 @@ def read_shape(directory: str | Path) -> GPT2Shape:
       n_positions=int(config.get("n_positions", 1024)),
       n_embd=int(n_embd), n_layer=int(config.get("n_layer", 12)),
       n_head=int(config.get("n_head", 12)),
-      tie_embeddings=bool(config.get("tie_word_embeddings", True)),
-      eos_token_id=config.get("eos_token_id"))
+      tie_embeddings=bool(config.get("tie_word_embeddings", True)))
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -185,7 +183,8 @@ def _layer_tensors(tensors: dict[str, np.ndarray], i: int) -> dict[str, Any]:
 
 def to_params(tensors: dict[str, np.ndarray], shape: GPT2Shape, *, block_size: int,
               scan_layers: bool = False) -> dict[str, Any]:
-  """gpt2jax parameters (numpy) from the checkpoint's tensors; checks every name and shape."""
+  """gpt2jax parameters (numpy) from the checkpoint's tensors: every one a GPT-2 of this shape
+  needs must be there, and nothing else (check_shapes then compares the shapes)."""
   tensors = dict(tensors)
   try:
     params: dict[str, Any] = {

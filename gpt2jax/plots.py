@@ -285,7 +285,7 @@ def draw_prompt_attention(loaded: Any, prompt: str, path: str | Path, *, layer: 
   tokenizer = loaded.tokenizer
   ids = tokenizer.encode_prompt(text)
   if len(ids) > cfg.block_size:
-    warn(f"warning: the prompt has {len(ids)} tokens but the model sees {cfg.block_size}: "
+    warn(f"warning: the prompt is {len(ids)} tokens but the model sees {cfg.block_size}: "
          "only the last ones are drawn.")
     ids = ids[-cfg.block_size:]
   weights = attention_maps(loaded.model, loaded.params, ids)[layer]

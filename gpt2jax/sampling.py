@@ -307,7 +307,7 @@ def complete_prompts(loaded: LoadedModel, prompts: Sequence[str], options: Sampl
   for text in texts:
     ids = tokenizer.encode_prompt(text)
     if len(ids) > block - 1:
-      warn(f"warning: the prompt has {len(ids) - 1} tokens but the model sees {block - 1}: "
+      warn(f"warning: the prompt is {len(ids)} tokens but the model sees {block - 1}: "
            "it is cropped from the left.")
     rows.extend([ids] * num_samples)
   new = generate(loaded.model, loaded.params, rows, options, eos_id=tokenizer.eos_id,

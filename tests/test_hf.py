@@ -6,7 +6,10 @@ byte-level BPE tokenizer, its logits at full block length and its greedy continu
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +156,9 @@ def test_end_of_text_comes_from_the_file_or_the_config(tmp_path):
   assert hf_tokenizer.HFTokenizer.from_path(file, eos_token="<stop>").eos_id == 511
 
 
-def test_a_tokenizer_json_trains_a_model_with_a_padded_vocabulary(tmp_path, tiny_text_file):
+def test_a_saved_dataset_and_a_tokenizer_json_train_a_model_with_a_padded_vocabulary(
+    tmp_path, tiny_text_file):
+  import datasets
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
@@ -163,9 +168,11 @@ def test_a_tokenizer_json_trains_a_model_with_a_padded_vocabulary(tmp_path, tiny
       vocab_size=300, special_tokens=["<|endoftext|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(str(tmp_path / "tokenizer.json"))
-  config = tiny_config(tiny_text_file, tokenizer__kind="hf",
-                       tokenizer__path=str(tmp_path / "tokenizer.json"), train__num_steps=20,
-                       train__eval_every=20, train__checkpoint_every=20)
+  stories = tiny_text_file.read_text(encoding="utf-8").split("\n\n")
+  datasets.Dataset.from_dict({"text": stories}).save_to_disk(str(tmp_path / "stories"))
+  config = tiny_config(tokenizer__kind="hf", tokenizer__path=str(tmp_path / "tokenizer.json"),
+                       data__corpus="hf", data__hf_path=str(tmp_path / "stories"),
+                       train__num_steps=20, train__eval_every=20, train__checkpoint_every=20)
   train_lib.train_and_evaluate(config, tmp_path / "run")
   loaded = sampling.load_model(tmp_path / "run")
   assert (loaded.tokenizer.vocab_size, loaded.model.config.vocab_size) == (300, 320)
@@ -303,6 +310,10 @@ def test_the_commands_take_init_from_and_export(tmp_path, trained_workdir):
                       f"--text_file={text_file}", "--json")
   assert scored.returncode == 0, scored.stderr
   assert json.loads(scored.stdout)["tokens"] == 20
+  plot = run_script("sample.py", f"--init_from={TINY_GPT2}", "--prompt=In the beginning",
+                    f"--attention_plot={tmp_path / 'attention.png'}", "--layer=1")
+  assert plot.returncode == 0, plot.stderr
+  assert (tmp_path / "attention.png").stat().st_size > 1000
   both = run_script("sample.py", f"--init_from={TINY_GPT2}", f"--workdir={trained_workdir}")
   assert both.returncode == 1 and "leave out --workdir and --step" in both.stderr
   exported = run_module("gpt2jax.export", f"--workdir={trained_workdir}",
@@ -310,3 +321,38 @@ def test_the_commands_take_init_from_and_export(tmp_path, trained_workdir):
   assert exported.returncode == 0, exported.stderr
   assert "tensors read back equal" in exported.stdout
   assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+FSDP_IMPORT_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax, numpy as np
+from conftest import tiny_config
+from gpt2jax import hf_checkpoint, parallel, pretrained, steps
+from gpt2jax.model import GPT, GPTConfig
+
+config, _ = pretrained.resolve_config(tiny_config(init_from={checkpoint!r}, model__block_size=64))
+config.mesh.data, config.mesh.fsdp = 2, 4
+model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
+sharded = steps.make_sharded_steps(config, model, parallel.make_mesh(config.mesh))
+params = pretrained.initial_params(config, model, sharded.abstract_state.params)
+tensors = hf_checkpoint.read_tensors({checkpoint!r})
+wte = params["wte"]["embedding"]
+print(json.dumps({{
+    "spec": list(wte.sharding.spec), "shard": list(wte.addressable_shards[0].data.shape),
+    "wte_equal": bool(np.array_equal(np.asarray(wte), tensors["wte.weight"])),
+    "c_fc_equal": bool(np.array_equal(np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"]),
+                                      tensors["h.1.mlp.c_fc.weight"]))}}))
+"""
+
+
+def test_imported_weights_are_placed_sharded_over_an_fsdp_mesh():
+  script = FSDP_IMPORT_SCRIPT.format(tests=str(REPO / "tests"), checkpoint=str(TINY_GPT2))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out == {"spec": [None, "fsdp"], "shard": [512, 8], "wte_equal": True,
+                 "c_fc_equal": True}
