@@ -26,11 +26,13 @@ from gpt2jax.tokenizer import model_vocab_size
 
 # Dispatch is asynchronous, and the loop reads metrics only at log lines: unbounded, the host
 # would queue up to log_every steps, and a stop request would wait for all of them. After
-# dispatching step n the host waits until step n - MAX_UNFINISHED_STEPS has finished, so the
-# device always has a step queued behind the one it runs (no throughput lost) and a stop
-# request is honoured at most MAX_UNFINISHED_STEPS + 1 steps after the last step the device
-# had finished when it came (counting the one it was running).
-MAX_UNFINISHED_STEPS = 2
+# dispatching step n the host waits until step n - MAX_UNFINISHED_STEPS has finished: the
+# device still has step n queued behind the one it runs, so no time is lost as long as the
+# host prepares a step faster than the device runs one, and a stop request is honoured at
+# most MAX_UNFINISHED_STEPS + 1 steps after the last step the device had finished when it
+# came (the one it was running included). 2 gave the same throughput on the benchmark shapes
+# (README, "Stopping and preemption") and stops a step later.
+MAX_UNFINISHED_STEPS = 1
 
 
 @dataclasses.dataclass
