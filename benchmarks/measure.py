@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,28 @@ SHAPES = {
     "C": Shape("C", 12, 12, 768, 256, 4, 50304),
     "R": Shape("R", 4, 4, 128, 64, 12, 65),  # the nanoGPT CPU recipe's model and batch
 }
+
+
+def machine() -> dict:
+  """The host, its CPU and devices, versions and load average, for every result file."""
+  cpu = platform.processor()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+          "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
+          "python": platform.python_version(), "load_average": _load()}
+
+
+def _load():
+  try:
+    return list(os.getloadavg())
+  except OSError:
+    return None
 
 
 def stats(seconds: list[float]) -> dict:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import socket
 import sys
 import tempfile
@@ -43,27 +41,6 @@ _RECIPE_CORPUS = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
 
 
-def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-          "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
-          "python": platform.python_version(), "load_average": _load()}
-
-
-def _load():
-  try:
-    return list(os.getloadavg())
-  except OSError:
-    return None
-
-
 def _row(name, value, spread="", note=""):
   print(f"| {name:<44} | {value:>16} | {spread:>22} | {note}")
 
@@ -71,7 +48,8 @@ def _row(name, value, spread="", note=""):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  results = {"machine": machine(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+  results = {"machine": measure.machine(),
+             "started": datetime.datetime.now().isoformat(timespec="seconds")}
   device_peak = peak.device_peak()
   results["peak"] = {"flops_per_second": device_peak.flops_per_second,
                      "source": device_peak.source}
