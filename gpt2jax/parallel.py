@@ -1,4 +1,5 @@
-"""Device mesh, parameter partitioning, multi-host start-up and batch placement.
+"""Device mesh and its arithmetic (axis sizes, batch splits), parameter partitioning,
+multi-host start-up and batch placement.
 
 Parallelism is declared, not hand-written: `config.mesh` names the sizes of the mesh axes,
 one rule table (`PARAM_AXES` + `LOGICAL_TO_MESH`) says how every parameter -- and, by the same

@@ -1,7 +1,8 @@
 """The train state and the pure train/eval steps, jitted over a device mesh.
 
 Everything here is a function of its arguments (no I/O): train_lib runs the loop around it,
-aot compiles it for TPU topologies, benchmarks time it.
+aot compiles it for TPU topologies, benchmarks time it. validate_config is the one check of a
+run's config, made before any data is read.
 """
 
 from __future__ import annotations
@@ -149,17 +150,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
   optim.learning_rate_schedule(t)  # the schedule's own checks
   return shape
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
-
-
-def all_finite(tree) -> bool:
-  """True when no floating-point leaf of the pytree holds NaN or infinity."""
-  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(_all_finite(floats)) if floats else True
 
 
 @dataclasses.dataclass

@@ -22,8 +22,8 @@ from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.data import batches as batches_lib
 from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
-from gpt2jax.steps import (ShardedSteps, TrainState, all_finite, make_sharded_steps,
-                           validate_config)
+from gpt2jax.nonfinite import NonfiniteGuard, all_finite
+from gpt2jax.steps import ShardedSteps, TrainState, make_sharded_steps, validate_config
 from gpt2jax.tokenizer import model_vocab_size
 
 # Dispatch is asynchronous, and the loop reads metrics only at log lines: unbounded, the host
@@ -149,49 +149,6 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
          "starting from scratch"))
 
 
-class _NonfiniteGuard:
-  """Stops training at the first NaN/inf loss or gradient norm, before it is checkpointed.
-
-  It reads the per-step flags only where the loop reads metrics anyway (log lines, saves).
-  With train.skip_nonfinite such updates were skipped inside the step; the guard stops only
-  when MAX_SKIPPED_IN_A_ROW of them come in a row (the run is not recovering).
-  """
-
-  MAX_SKIPPED_IN_A_ROW = 20
-
-  def __init__(self, run: Run):
-    self.run = run
-    self.skip = bool(run.config.train.get("skip_nonfinite", False))
-    self.skipped_in_a_row = 0
-
-  def check(self, interval: metrics.Interval, step: int) -> None:
-    host = interval.host()
-    for i in range(interval.checked, len(host)):
-      if not host[i]["nonfinite"]:
-        self.skipped_in_a_row = 0
-        continue
-      self.skipped_in_a_row += 1
-      if not self.skip or self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
-        self._stop(step - len(host) + 1 + i, host[i])
-    interval.checked = len(host)
-
-  def check_params(self, params, step: int) -> None:
-    """Refuses to let parameters that hold NaN or infinity be saved: a checkpoint is always a
-    state to resume from."""
-    if not all_finite(params):
-      raise errors.TrainingDiverged(
-          f"Not saving checkpoint {step}: its parameters hold NaN or infinite values. The "
-          f"checkpoints already in {self.run.checkpoints.shown_directory} are kept.")
-
-  def _stop(self, bad_step: int, step_metrics: dict) -> None:
-    run, latest = self.run, self.run.checkpoints.latest_step()
-    raise errors.TrainingDiverged(errors.divergence_message(
-        bad_step, float(step_metrics["loss"]), float(step_metrics["grad_norm"]),
-        str(run.checkpoints.path(latest)) if latest else None,
-        learning_rate=run.config.train.learning_rate, dtype=run.config.model.dtype,
-        skipped_in_a_row=self.skipped_in_a_row if self.skip else 0))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        resume_command: str = "") -> TrainState:
   """Trains (or resumes) the run in workdir up to config.train.num_steps.
@@ -251,7 +208,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
 
   state, step = run.state, run.start_step
   interval = metrics.Interval(run.resume_meta.get("pending_metrics", []))
-  guard = _NonfiniteGuard(run)
+  guard = NonfiniteGuard(config, run.checkpoints)
   run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
   report = functools.partial(  # (state, step, record) -> False if a stop request cut it short
       _evaluate_and_report, run, val_windows=val_windows, train_windows=train_windows, log=log,

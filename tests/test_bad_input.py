@@ -10,13 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, tiny_config
-from gpt2jax import cli, errors, parallel, runs, steps, train_lib
+from gpt2jax import cli, errors, parallel, runs, sampling, steps, train_lib
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.nonfinite import NonfiniteGuard, all_finite
 from gpt2jax.tokenizer import load_tokenizer
 from gpt2jax.workdir import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, TOKENIZER_DIR, WorkdirLock
 
@@ -142,7 +143,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(workdir, tiny_
 
   config = tiny_config(tiny_text_file, train__num_steps=41)
   resumed = train_lib.train_and_evaluate(config, workdir)  # the rerun resumes from step 40
-  assert int(resumed.step) == 41 and steps.all_finite(resumed.params)
+  assert int(resumed.step) == 41 and all_finite(resumed.params)
   assert "resuming from step 40" in capsys.readouterr().out
 
 
@@ -172,9 +173,7 @@ def test_skip_nonfinite_drops_the_update_but_counts_the_step(tiny_text_file, tmp
                                                       jax.tree_util.tree_leaves(poisoned))]
     assert all(unchanged[1:]) == skip  # params and optimizer state kept only when skipping
   # The loop's guard refuses to save such parameters (a checkpoint is a state to resume from).
-  run = types.SimpleNamespace(config=config,
-                              checkpoints=types.SimpleNamespace(shown_directory=tmp_path))
-  guard = train_lib._NonfiniteGuard(run)
+  guard = NonfiniteGuard(config, Checkpoints(tmp_path, async_save=False))
   guard.check_params(state.params, 1)
   with pytest.raises(errors.TrainingDiverged, match="Not saving checkpoint 1"):
     guard.check_params(poisoned.params, 1)
