@@ -9,7 +9,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from gpt2jax import cli, errors, plots, sampling
+from gpt2jax import cli, errors, plots, runs, sampling
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run to sample from. Default: the most recently trained run in runs/.")
@@ -49,7 +49,7 @@ def _prompts() -> list[str]:
 
 
 def _sample() -> None:
-  loaded = sampling.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
+  loaded = runs.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
                                   doing="sampling from")
   if _ATTENTION_PLOT.value:
     _draw_attention(loaded)
@@ -64,7 +64,7 @@ def _sample() -> None:
   print("\n---------------\n".join(texts))
 
 
-def _draw_attention(loaded: sampling.LoadedModel) -> None:
+def _draw_attention(loaded: runs.LoadedModel) -> None:
   prompts = _prompts()
   if len(prompts) != 1:
     raise errors.UserError(f"--attention_plot draws one prompt; got {len(prompts)}: give "

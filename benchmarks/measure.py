@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from gpt2jax import metrics, optim, runtime, sampling
+from gpt2jax import optim, runtime, sampling
+from gpt2jax.flops import gpt_flops_per_token
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.steps import init_train_state, make_train_step
 
@@ -113,7 +114,7 @@ def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
     times.append(time.perf_counter() - start)
   tokens = shape.batch_size * shape.block_size
   step_time = stats(times)
-  flops = metrics.gpt_flops_per_token(config, state.params) * tokens / step_time["median"]
+  flops = gpt_flops_per_token(config, state.params) * tokens / step_time["median"]
   return {
       "shape": dataclasses.asdict(shape),
       "step_seconds": step_time,

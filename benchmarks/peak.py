@@ -1,6 +1,6 @@
 """Peak float32/bfloat16 throughput of the device, for MFU.
 
-Accelerators: the table of published dense bfloat16 peaks in gpt2jax.metrics (the one training
+Accelerators: the table of published dense bfloat16 peaks in gpt2jax.flops (the one training
 uses for its MFU). CPU: there is no useful published number (it depends on cores, clocks and
 the BLAS), so we measure a large jitted matmul.
 """
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import metrics
+from gpt2jax.flops import peak_flops_per_second
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ def device_peak() -> Peak:
     flops = measured_matmul_flops()
     return Peak(flops, f"measured: best jitted 2048x2048 float32 matmul, {flops / 1e9:.0f} GFLOP/s")
   kind = device.device_kind
-  table = metrics.peak_flops_per_second([d.device_kind for d in jax.local_devices()])
+  table = peak_flops_per_second([d.device_kind for d in jax.local_devices()])
   if table:
     return Peak(table, f"table: {kind} bfloat16 peak x {jax.local_device_count()}, "
                        f"{table / 1e12:.0f} TFLOP/s")

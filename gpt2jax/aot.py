@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import jax
 
-from gpt2jax import errors, metrics, parallel
+from gpt2jax import errors, flops, parallel
 from gpt2jax.steps import make_sharded_steps, validate_config
 
 GB = 1e9  # bandwidths in decimal units, as chip specifications give them
@@ -180,8 +180,8 @@ def topology_devices(topology: str) -> list:
   return list(topo.devices)
 
 
-def chip_of(device) -> metrics.Chip | None:
-  return metrics.TPU_CHIPS.get(device.device_kind)
+def chip_of(device) -> flops.Chip | None:
+  return flops.TPU_CHIPS.get(device.device_kind)
 
 
 @dataclasses.dataclass
@@ -192,7 +192,7 @@ class Roofline:
   mfu: float  # model FLOPs (6N + 12LTd per token) over the slice's peak in that time
 
 
-def roofline(cost: dict[str, float], chip: metrics.Chip, num_devices: int, devices_per_chip: int,
+def roofline(cost: dict[str, float], chip: flops.Chip, num_devices: int, devices_per_chip: int,
              model_flops_per_step: float) -> Roofline:
   """Step time if each chip ran at peak FLOP/s or peak HBM bandwidth, whichever binds."""
   flops_per_chip = cost["flops"] * devices_per_chip
@@ -264,7 +264,7 @@ def _vocab_size_for_compile(config, workdir: Path) -> int:
   one, else config.tokenizer.vocab_size (a char vocabulary's true size is only known from the
   corpus)."""
   from gpt2jax import tokenizer as tokenizer_lib
-  from gpt2jax.checkpoint import TOKENIZER_DIR
+  from gpt2jax.workdir import TOKENIZER_DIR
 
   if config.model.get("vocab_size", 0):
     return config.model.vocab_size
@@ -278,13 +278,14 @@ def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   """Compiles the sharded train step -- for a TPU topology, or for this machine's devices --
   without data or training, and returns the memory, FLOPs and roofline report."""
   from gpt2jax import pretrained
-  from gpt2jax.model import GPT, GPTConfig, count_params
+  from gpt2jax.model import GPT, count_params
 
   config, _ = pretrained.resolve_config(config)
-  validate_config(config)
   devices = topology_devices(topology) if topology else jax.devices()
   mesh = parallel.make_mesh(config.mesh, devices)
-  model = GPT(GPTConfig.from_config(config.model, _vocab_size_for_compile(config, Path(workdir))))
+  model_shape = validate_config(config, mesh)
+  model = GPT(dataclasses.replace(model_shape,
+                                  vocab_size=_vocab_size_for_compile(config, Path(workdir))))
   steps = make_sharded_steps(config, model, mesh)
   t, cfg = config.train, model.config
   try:
@@ -293,7 +294,7 @@ def compile_only(config, workdir: Path, topology: str = "") -> list[str]:
   except DoesNotFit as e:
     return does_not_fit_lines(topology or devices[0].platform, devices, mesh, e)
   params = steps.abstract_state.params
-  flops_per_step = t.batch_size * cfg.block_size * metrics.gpt_flops_per_token(cfg, params)
+  flops_per_step = t.batch_size * cfg.block_size * flops.gpt_flops_per_token(cfg, params)
   state_bytes = {"params": parallel.bytes_per_device(params),
                  "opt_state": parallel.bytes_per_device(steps.abstract_state.opt_state)}
   return topology_report(topology or devices[0].platform, devices, mesh, compiled,

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from gpt2jax import cli, errors, sampling, scoring
+from gpt2jax import cli, errors, runs, scoring
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run to evaluate. Default: the most recently trained run in runs/.")
@@ -34,7 +34,7 @@ def _evaluate() -> None:
   if _BATCH_SIZE.value < 1:
     raise errors.UserError(f"--batch_size must be at least 1, got {_BATCH_SIZE.value}.")
   text = scoring.read_text_file(_TEXT_FILE.value)
-  loaded = sampling.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
+  loaded = runs.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
                                   doing="evaluating")
   block = loaded.model.config.block_size
   stride = _STRIDE.value or scoring.default_stride(block)

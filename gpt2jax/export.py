@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from gpt2jax import checkpoint as ckpt
-from gpt2jax import cli, errors, hf_checkpoint, hf_tokenizer, sampling
+from gpt2jax import cli, errors, hf_checkpoint, hf_tokenizer, runs
 from gpt2jax.data import tokens as tokens_lib
 from gpt2jax.data.normalize import strips_hebrew_marks
+from gpt2jax.workdir import DATA_DIR
 
 # Text on which tokenizers tend to differ: marks, spaces, digits, bytes, scripts, newlines.
 HARD_CASES = (
@@ -44,9 +44,9 @@ class ExportReport:
   tensors: int  # written, and read back equal
 
 
-def _validation_texts(loaded: sampling.LoadedModel) -> list[str]:
+def _validation_texts(loaded: runs.LoadedModel) -> list[str]:
   """The documents at the start of the run's cached validation split, decoded."""
-  ids = tokens_lib.read_cached_split(loaded.workdir / ckpt.DATA_DIR, "val")
+  ids = tokens_lib.read_cached_split(loaded.workdir / DATA_DIR, "val")
   if ids is None:
     return []
   ids = np.asarray(ids[:VALIDATION_TOKENS_CHECKED])
@@ -55,7 +55,7 @@ def _validation_texts(loaded: sampling.LoadedModel) -> list[str]:
   return [loaded.tokenizer.decode(ids[a:b]) for a, b in zip(starts, ends) if b > a]
 
 
-def _check_weights_read_back(out: Path, loaded: sampling.LoadedModel) -> None:
+def _check_weights_read_back(out: Path, loaded: runs.LoadedModel) -> None:
   """Reads out's weights as an import would and compares every parameter bit for bit."""
   cfg = loaded.model.config
   shape = hf_checkpoint.read_shape(out)
@@ -69,7 +69,7 @@ def _check_weights_read_back(out: Path, loaded: sampling.LoadedModel) -> None:
                              "back equal; nothing was written.")
 
 
-def export_run(loaded: sampling.LoadedModel, out: str | Path) -> ExportReport:
+def export_run(loaded: runs.LoadedModel, out: str | Path) -> ExportReport:
   """Writes loaded (a trained run) into the new directory out, checked; see the module doc."""
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -104,7 +104,7 @@ def export_run(loaded: sampling.LoadedModel, out: str | Path) -> ExportReport:
 
 def _export() -> None:
   options = flags.FLAGS
-  loaded = sampling.load_requested(options.workdir, options.step, doing="exporting")
+  loaded = runs.load_requested(options.workdir, options.step, doing="exporting")
   report = export_run(loaded, options.out)
   print(f"wrote {report.out}: {loaded.name}, {loaded.tokenizer.kind} tokenizer; "
         f"{report.tensors} tensors read back equal, tokenizer ids equal to gpt2jax's on "

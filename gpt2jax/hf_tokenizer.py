@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from gpt2jax import errors
+from gpt2jax.workdir import write_atomic
 from gpt2jax.data.normalize import HEBREW_MARKS
 
 HF_MODEL_FILE = "hf_tokenizer.json"  # the tokenizer.json, inside a workdir's tokenizer/
@@ -101,7 +102,7 @@ class HFTokenizer:
     return out
 
   def save(self, directory) -> None:
-    from gpt2jax.tokenizer import TOKENIZER_JSON, write_atomic
+    from gpt2jax.tokenizer import TOKENIZER_JSON
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,8 @@ Only process 0 writes; other processes get the same objects with writing turned 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,12 +16,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from gpt2jax.checkpoint import METRICS_JSONL, SAMPLES_TXT
-from gpt2jax.model import count_params
+from gpt2jax.flops import utilization
+from gpt2jax.workdir import (METRICS_JSONL, SAMPLES_TXT, SUMMARY_JSON, TENSORBOARD_DIR,
+                             write_atomic)
 
 LN2 = math.log(2.0)
-TENSORBOARD_DIR = "tensorboard"
-SUMMARY_JSON = "summary.json"
 
 
 def perplexity(loss: float) -> float:
@@ -43,7 +40,7 @@ def loss_summary(prefix: str, loss: float, bytes_per_token: float) -> dict:
 class MetricsLog:
   """Appends one JSON object per line to <workdir>/metrics.jsonl, mirrored to TensorBoard.
 
-  With flops_per_token (see model_flops_per_token), every record that has tokens_per_second
+  With flops_per_token (see gpt2jax.flops), every record that has tokens_per_second
   also gets the model's achieved TFLOP/s and, where the devices' peak is known, its MFU.
   """
 
@@ -72,9 +69,7 @@ class MetricsLog:
             kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
           continue  # a line cut short by a crash
-    tmp = self.path.with_name(self.path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(self.path)
+    write_atomic(self.path, "".join(kept))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -224,72 +219,6 @@ class Interval:
     return record
 
 
-def model_flops_per_token(non_embedding_params: int, n_layer: int, n_embd: int,
-                          block_size: int) -> float:
-  """Training FLOPs per token (forward and backward) as nanoGPT and the PaLM paper count
-  them: 6 per parameter, plus 12 * layers * width * context for attention."""
-  return 6.0 * non_embedding_params + 12.0 * n_layer * n_embd * block_size
-
-
-def gpt_flops_per_token(model_config, params) -> float:
-  """model_flops_per_token of a GPT, from its GPTConfig and (possibly abstract) parameters;
-  N counts the parameters without the position embedding."""
-  return model_flops_per_token(count_params(params, non_embedding=True), model_config.n_layer,
-                               model_config.n_embd, model_config.block_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip figures of a TPU generation (bf16 dense matmul peak)."""
-
-  name: str
-  peak_flops: float  # FLOP/s
-  hbm_bandwidth: float  # bytes/s
-  hbm_bytes: float
-  devices: int = 1  # JAX devices per chip: v2 and v3 show each of their 2 cores as one
-
-
-# Keyed by the device_kind JAX reports. Cloud TPU documentation, per chip.
-TPU_CHIPS = {
-    "TPU v2": Chip("v2", 45e12, 700e9, 16 * 2**30, devices=2),
-    "TPU v3": Chip("v3", 123e12, 900e9, 32 * 2**30, devices=2),
-    "TPU v4": Chip("v4", 275e12, 1228e9, 32 * 2**30),
-    "TPU v5 lite": Chip("v5e", 197e12, 819e9, 16 * 2**30),
-    "TPU v5": Chip("v5p", 459e12, 2765e9, 95 * 2**30),
-    "TPU v6 lite": Chip("v6e", 918e12, 1640e9, 32 * 2**30),
-}
-# Dense bfloat16 peak FLOP/s of one GPU, by device_kind (the first name found in it counts).
-GPU_PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("V100", 125e12), ("T4", 65e12),
-)
-
-
-def device_peak_flops(kind: str) -> float | None:
-  """Dense bfloat16 peak FLOP/s of one JAX device of this kind; None when unknown (CPUs)."""
-  if kind in TPU_CHIPS:
-    return TPU_CHIPS[kind].peak_flops / TPU_CHIPS[kind].devices
-  return next((flops for name, flops in GPU_PEAK_BF16_FLOPS if name in kind), None)
-
-
-def peak_flops_per_second(device_kinds: Sequence[str]) -> float | None:
-  """Summed bfloat16 peak of the devices; None when one is unknown (CPUs, for instance)."""
-  peaks = [device_peak_flops(kind) for kind in device_kinds]
-  if not peaks or None in peaks:
-    return None
-  return sum(peaks)
-
-
-def utilization(tokens_per_second: float, flops_per_token: float, peak_flops: float | None
-                ) -> dict:
-  """Achieved model TFLOP/s, and model FLOPs utilization (MFU) when the peak is known."""
-  achieved = tokens_per_second * flops_per_token
-  out = {"model_tflops_per_second": achieved / 1e12}
-  if peak_flops:
-    out["mfu"] = achieved / peak_flops
-  return out
-
-
 def summarize_run(records: Sequence[dict], *, num_params: int, tokens_per_step: int) -> dict:
   """The numbers that describe a finished run, from its metrics.jsonl records."""
   evals = [r for r in records if "val_loss" in r]
@@ -340,11 +269,7 @@ def _wall_seconds(records: Sequence[dict]) -> float:
 
 
 def write_summary(workdir: Path, summary: dict) -> Path:
-  path = Path(workdir) / SUMMARY_JSON
-  tmp = path.with_name(SUMMARY_JSON + ".tmp")
-  tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
-  return path
+  return write_atomic(Path(workdir) / SUMMARY_JSON, json.dumps(summary, indent=1) + "\n")
 
 
 def format_summary(summary: dict) -> str:

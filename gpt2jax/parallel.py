@@ -1,4 +1,5 @@
-"""Device mesh, parameter partitioning, multi-host start-up and batch placement.
+"""Device mesh and its arithmetic (axis sizes, batch splits), parameter partitioning,
+multi-host start-up and batch placement.
 
 Parallelism is declared, not hand-written: `config.mesh` names the sizes of the mesh axes,
 one rule table (`PARAM_AXES` + `LOGICAL_TO_MESH`) says how every parameter -- and, by the same
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gpt2jax import errors
+from gpt2jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device
@@ -50,8 +51,55 @@ LOGICAL_TO_MESH = {"embed": "fsdp"}
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Axis sizes from config.mesh, with one -1 meaning "all the remaining devices"."""
-  return errors.resolve_mesh_shape({axis: int(mesh_config[axis]) for axis in MESH_AXES},
-                                   num_devices)
+  return resolve_mesh_shape({axis: int(mesh_config[axis]) for axis in MESH_AXES}, num_devices)
+
+
+def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """The mesh axis sizes with the one -1 ("the rest of the devices") filled in.
+
+  Raises UserError unless the sizes multiply to exactly num_devices.
+  """
+  sizes = dict(axis_sizes)
+  described = " x ".join(f"mesh.{name}={size}" for name, size in sizes.items())
+  wildcards = [name for name, size in sizes.items() if size == -1]
+  bad = [name for name, size in sizes.items() if size != -1 and size < 1]
+  if bad or len(wildcards) > 1:
+    raise UserError(f"{described}: each mesh size must be at least 1, and at most one may be -1 "
+                    "(the rest of the devices).")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if wildcards and num_devices % fixed:
+    raise UserError(f"{described}: the {num_devices} devices do not split into groups of "
+                    f"{fixed}; choose sizes whose product divides {num_devices}.")
+  if not wildcards and fixed != num_devices:
+    raise UserError(f"{described} needs {fixed} devices, but there are {num_devices}: make the "
+                    f"product {num_devices}, or set one size to -1 for the rest of the devices "
+                    "(e.g. --config.mesh.data=-1).")
+  if wildcards:
+    sizes[wildcards[0]] = num_devices // fixed
+  return sizes
+
+
+def check_batch_divides(batch_size: int, data_parallel: int, *, grad_accum_steps: int = 1,
+                        process_count: int = 1) -> None:
+  """The global batch must split evenly into micro-batches, then over the batch-sharded devices.
+
+  data_parallel: the number of shards of the batch axis (product of the mesh axes the batch is
+  sharded over, e.g. data x fsdp).
+  """
+  if grad_accum_steps < 1:
+    raise UserError(f"train.grad_accum_steps must be at least 1, got {grad_accum_steps}.")
+  if batch_size % grad_accum_steps:
+    raise UserError(f"train.batch_size={batch_size} is not divisible by "
+                    f"train.grad_accum_steps={grad_accum_steps}: use a multiple of it.")
+  micro_batch = batch_size // grad_accum_steps
+  shards = math.lcm(data_parallel, process_count)
+  if micro_batch % shards:
+    per = f"micro-batch {micro_batch} (batch_size / grad_accum_steps)" \
+        if grad_accum_steps > 1 else f"train.batch_size={batch_size}"
+    suggestion = -(-micro_batch // shards) * shards * grad_accum_steps
+    raise UserError(f"The {per} is not divisible by the {shards}-way data parallelism of the "
+                    f"mesh: make it a multiple of {shards}, e.g. --config.train.batch_size="
+                    f"{suggestion}.")
 
 
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
@@ -110,9 +158,8 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
   """Every micro-batch must split evenly over the devices (and processes) that share the batch."""
-  errors.check_batch_divides(batch_size, math.prod(mesh.shape[axis] for axis in BATCH_AXES),
-                             grad_accum_steps=grad_accum_steps,
-                             process_count=jax.process_count())
+  check_batch_divides(batch_size, math.prod(mesh.shape[axis] for axis in BATCH_AXES),
+                      grad_accum_steps=grad_accum_steps, process_count=jax.process_count())
 
 
 def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
@@ -190,11 +237,11 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     return
   if coordinator_address or num_processes > 0 or process_id >= 0:
     if not (coordinator_address and num_processes > 0 and process_id >= 0):
-      raise errors.UserError(
+      raise UserError(
           "A multi-process run needs all of --coordinator_address=HOST:PORT, "
           "--num_processes=N and --process_id=I (0 on the coordinator's host).")
     if process_id >= num_processes:
-      raise errors.UserError(f"--process_id={process_id} must be below "
+      raise UserError(f"--process_id={process_id} must be below "
                              f"--num_processes={num_processes}.")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)

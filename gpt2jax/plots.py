@@ -13,6 +13,7 @@ On demand: python -m gpt2jax.plots --workdir=runs/hebrew
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from pathlib import Path
@@ -20,11 +21,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from gpt2jax import checkpoint as ckpt
 from gpt2jax import metrics
 from gpt2jax.errors import UserError
+from gpt2jax.workdir import METRICS_JSONL, PLOTS_DIR, SUMMARY_JSON, load_config, write_atomic
 
-PLOTS_DIR = "plots"
 LOSS_PNG = "loss.png"
 # Fonts tried, in order, for tick labels; the first that has every glyph is used.
 LABEL_FONTS = ("DejaVu Sans", "Noto Sans Hebrew", "Noto Sans", "FreeSans", "Liberation Sans",
@@ -63,7 +63,7 @@ def plot_losses(records: Sequence[dict], path: Path, *, title: str, tokens_per_s
   eval_train = [(r["step"], r["eval_train_loss"]) for r in records if "eval_train_loss" in r]
   rates = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
   if not (train or val):
-    raise UserError(f"No losses to plot: {metrics.METRICS_JSONL} has no training records yet.")
+    raise UserError(f"No losses to plot: {METRICS_JSONL} has no training records yet.")
 
   fig = _figure(9, 6.5)
   loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
@@ -94,9 +94,9 @@ def plot_losses(records: Sequence[dict], path: Path, *, title: str, tokens_per_s
 def write_loss_plot(workdir: str | Path, num_params: int | None = None) -> Path:
   """<workdir>/plots/loss.png from the run's metrics.jsonl and config.json."""
   workdir = Path(workdir)
-  config = ckpt.load_config(workdir)
+  config = load_config(workdir)
   if num_params is None:
-    summary_path = workdir / metrics.SUMMARY_JSON
+    summary_path = workdir / SUMMARY_JSON
     if summary_path.exists():
       num_params = json.loads(summary_path.read_text(encoding="utf-8")).get("num_parameters")
   return plot_losses(
@@ -108,10 +108,9 @@ def write_loss_plot(workdir: str | Path, num_params: int | None = None) -> Path:
 def _save(fig, path: Path, dpi: int = 100) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.stem + ".tmp.png")
-  fig.savefig(tmp, dpi=dpi)
-  tmp.replace(path)
-  return path
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=dpi)
+  return write_atomic(path, png.getvalue())
 
 
 # ---- Labels in any script ----------------------------------------------------------------
@@ -270,7 +269,7 @@ def draw_prompt_attention(loaded: Any, prompt: str, path: str | Path, *, layer: 
                           head: str, warn: Callable[[str], None] = print) -> Path:
   """Attention heatmap of one layer (one head, or all) over a prompt's tokens.
 
-  loaded: a sampling.LoadedModel. The prompt is normalized as the corpus was and encoded as a
+  loaded: a runs.LoadedModel. The prompt is normalized as the corpus was and encoded as a
   prompt is (after end-of-text, the start-of-document context the model was trained with).
   """
   cfg = loaded.model.config

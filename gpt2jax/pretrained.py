@@ -1,7 +1,7 @@
 """A transformers GPT-2 directory as a gpt2jax model.
 
 Used as it is by `sample.py --init_from=DIR` and `python -m gpt2jax.evaluate --init_from=DIR`
-(`load_pretrained`), or as the start of a training run with `--config.init_from=DIR`
+(gpt2jax.runs.load_pretrained reads it with `read_params`), or as the start of a training run with `--config.init_from=DIR`
 (`resolve_config` before anything else, `initial_params` instead of a random start). The
 directory is what `GPT2LMHeadModel.save_pretrained` and a tokenizer's `save_pretrained` write:
 config.json, model.safetensors (or shards) and tokenizer.json; gpt2jax.hf_checkpoint maps the
@@ -16,12 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from gpt2jax import hf_checkpoint
 from gpt2jax.errors import UserError
-from gpt2jax.hf_tokenizer import HFTokenizer
-from gpt2jax.model import GPT, GPTConfig
+from gpt2jax.model import GPT
 
 
 def resolve_config(config: ml_collections.ConfigDict
@@ -60,7 +58,7 @@ def resolve_config(config: ml_collections.ConfigDict
   return config, note
 
 
-def _read_params(directory: str | Path, shape: hf_checkpoint.GPT2Shape, model: GPT
+def read_params(directory: str | Path, shape: hf_checkpoint.GPT2Shape, model: GPT
                  ) -> dict[str, Any]:
   """The checkpoint's weights as numpy parameters of model, every shape checked."""
   cfg = model.config
@@ -76,32 +74,8 @@ def initial_params(config: ml_collections.ConfigDict, model: GPT, abstract_param
   """config.init_from's weights placed as abstract_params says (shardings included): every
   process reads the files and keeps the shards its devices hold."""
   shape = hf_checkpoint.read_shape(config.init_from)
-  params = _read_params(config.init_from, shape, model)
+  params = read_params(config.init_from, shape, model)
   return jax.tree.map(
       lambda value, target: jax.make_array_from_callback(
           target.shape, target.sharding, lambda index: value[index]),
       params, abstract_params)
-
-
-def load_pretrained(directory: str | Path):
-  """A sampling.LoadedModel of the transformers GPT-2 in directory (its own tokenizer.json)."""
-  from gpt2jax.sampling import LoadedModel
-
-  directory = Path(directory)
-  shape = hf_checkpoint.read_shape(directory)
-  tokenizer = HFTokenizer.from_path(directory)
-  if tokenizer.vocab_size > shape.vocab_size:
-    raise UserError(f"{directory}: the tokenizer has {tokenizer.vocab_size:,} tokens but the "
-                    f"model only {shape.vocab_size:,}: they do not belong together.")
-  model_config = GPTConfig(vocab_size=shape.vocab_size, block_size=shape.n_positions,
-                           **shape.model_fields())
-  model = GPT(model_config)
-  params = jax.device_put(jax.tree.map(np.asarray, _read_params(directory, shape, model)))
-  config = ml_collections.ConfigDict({
-      "init_from": str(directory),
-      "model": {**shape.model_fields(), "vocab_size": shape.vocab_size,
-                "block_size": shape.n_positions, "dropout": 0.0},
-      "tokenizer": {"kind": "hf", "path": str(directory), "eos_token": tokenizer.eos_token},
-      "data": {"corpus": "", "keep_niqqud": True},
-  })
-  return LoadedModel(directory, config, model, params, tokenizer, step=0, from_workdir=False)

@@ -4,27 +4,25 @@ Decoding runs inside one jitted `lax.while_loop` per context window, so the host
 involved per token. Prompts of different lengths are left-padded and masked, and their padded
 length is rounded up to a bucket so that new prompt lengths rarely compile anew. When a
 sequence outgrows the model's block, generation continues from the last half block of
-context (prefilled again), as nanoGPT crops its context.
+context (prefilled again), as nanoGPT crops its context. Loading a trained run to sample from
+is gpt2jax.runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import checkpoint as ckpt
-from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks, strips_hebrew_marks
 from gpt2jax.errors import UserError
-from gpt2jax.model import GPT, GPTConfig, KVCache
-from gpt2jax.tokenizer import load_tokenizer, model_vocab_size
+from gpt2jax.model import GPT, KVCache
 
+if TYPE_CHECKING:
+  from gpt2jax.runs import LoadedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,26 +137,28 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: Samp
              vocab_size: int | None = None) -> list[list[int]]:
   """New tokens for each prompt (end-of-text not included). Prompts must be non-empty.
 
+  use_cache=False is the reference decoder: every token is drawn from a full forward pass
+  over its context (a prefill per token) instead of from the KV cache. It draws the same
+  random numbers, so both give the same tokens as long as the context fits the block.
   vocab_size: the tokenizer's, when the model's vocabulary is padded past it (never drawn).
   """
   if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (use [eos_id] to start fresh)")
   rng = jax.random.key(seed)
   num_tokens = jnp.int32(vocab_size or model.config.vocab_size)
-  if not use_cache:
-    return _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng,
-                                   num_tokens)
   block = model.config.block_size
   sequences = [list(p)[-(block - 1):] for p in prompts]
   new_tokens: list[list[int]] = [[] for _ in prompts]
   done = np.zeros((len(prompts),), bool)
   remaining = options.max_new_tokens
-  context_len = _bucket(max(len(s) for s in sequences), block, block - 1)
   stop_id = eos_id if options.stop_at_eos else -1
+  context_len = _bucket(max(len(s) for s in sequences), block, block - 1)
   while remaining > 0 and not done.all():
+    # A window: prefill the context, then decode from the cache while it has room (one token
+    # without the cache). Every drawn token is fed back, so a window holds at most a block.
     tokens, start = _left_pad(sequences, context_len, pad_id)
     last_logits, cache = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(start))
-    steps_here = min(remaining, block - context_len)  # every drawn token is fed back
+    steps_here = min(remaining, block - context_len) if use_cache else 1
     out, steps, done_after, rng = _decode(
         model, params, cache, last_logits, rng, jnp.asarray(done), steps_here,
         jnp.float32(options.temperature), stop_id, num_tokens, top_k=options.top_k,
@@ -173,125 +173,14 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], options: Samp
         sequences[i].append(int(token))
     done = np.asarray(done_after)
     remaining -= steps
-    context_len = block // 2  # later windows continue from the last half block
+    if use_cache:
+      context_len = block // 2  # later windows continue from the last half block
+    else:
+      context_len = _bucket(max(len(s) for s in sequences), block, block - 1)
   return new_tokens
 
 
-def _generate_without_cache(model, params, prompts, options, eos_id, pad_id, rng, num_tokens):
-  """Reference decoding: a full forward over the whole context for every new token."""
-  block = model.config.block_size
-  sequences = [list(p) for p in prompts]
-  new_tokens: list[list[int]] = [[] for _ in prompts]
-  done = np.zeros((len(prompts),), bool)
-  stop_id = eos_id if options.stop_at_eos else -1
-  for _ in range(options.max_new_tokens):
-    context = [s[-block:] for s in sequences]
-    tokens, start = _left_pad(context, _bucket(max(len(c) for c in context), block, block),
-                              pad_id)
-    logits, _ = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(start))
-    rng, draw_rng = jax.random.split(rng)
-    token = np.asarray(sample_token(logits, draw_rng, jnp.float32(options.temperature),
-                                    options.top_k, options.top_p, num_tokens))
-    for i, t in enumerate(token):
-      if not done[i]:
-        if t == stop_id:
-          done[i] = True
-        else:
-          new_tokens[i].append(int(t))
-          sequences[i].append(int(t))
-    if done.all():
-      break
-  return new_tokens
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A trained run (or an imported transformers GPT-2, see gpt2jax.pretrained) ready for
-  inference."""
-
-  workdir: Path  # the run's workdir, or the transformers directory
-  config: Any  # the run's ml_collections config
-  model: GPT
-  params: Any
-  tokenizer: Any
-  step: int
-  from_workdir: bool = True  # False: a transformers GPT-2, whose text is taken as it is
-
-  @property
-  def name(self) -> str:
-    """How messages name the model."""
-    return f"{self.workdir} ({self._what})"
-
-  @property
-  def short_name(self) -> str:
-    return f"{self.workdir.name} ({self._what})"
-
-  @property
-  def _what(self) -> str:
-    return f"step {self.step}" if self.from_workdir else "transformers GPT-2"
-
-  def normalize_prompt(self, text: str) -> str:
-    """The corpus's normalization, so prompts look like the training text."""
-    if not self.from_workdir:
-      return text
-    text = normalize_text(text)
-    if strips_hebrew_marks(self.config.data):
-      text = strip_hebrew_marks(text)
-    return text
-
-
-def find_latest_run(runs_dir: str | Path = "runs") -> Path:
-  """The workdir under runs_dir whose newest checkpoint is the most recent."""
-  candidates = []
-  for config_file in Path(runs_dir).glob(f"*/{ckpt.CONFIG_JSON}"):
-    checkpoint_dir = config_file.parent / ckpt.CHECKPOINT_DIR
-    stamps = [p.stat().st_mtime for p in checkpoint_dir.glob("[0-9]*")]
-    if stamps:
-      candidates.append((max(stamps), config_file.parent))
-  if not candidates:
-    raise UserError(f"No trained run under {runs_dir}/: train one with "
-                    "`python train.py --config=configs/<recipe>.py`, or pass --workdir.")
-  return max(candidates)[1]
-
-
-def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
-  """Loads config, tokenizer and the parameters of checkpoint `step` (default: latest)."""
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise UserError(f"--workdir {workdir} does not exist.")
-  config = ckpt.load_config(workdir)
-  tokenizer = load_tokenizer(workdir / ckpt.TOKENIZER_DIR)
-  model = GPT(GPTConfig.from_config(config.model, model_vocab_size(tokenizer, config.model)))
-  checkpoints = ckpt.Checkpoints(workdir, async_save=False, for_training=False)
-  if step is None:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise UserError(f"{workdir} holds no checkpoint yet: train it first, or let a running "
-                      f"training reach train.checkpoint_every steps.")
-  dummy = jnp.zeros((1, model.config.block_size), jnp.int32)
-  abstract_params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
-  params = checkpoints.restore_params(step, abstract_params)
-  return LoadedModel(workdir, config, model, params, tokenizer, step)
-
-
-def load_requested(workdir: str | None, step: int | None = None, init_from: str | None = None,
-                   *, doing: str = "using") -> LoadedModel:
-  """The model an entry point's flags name: --init_from (a transformers GPT-2 directory, as
-  it is), or --workdir at --step (default: the most recently trained run, said on stderr)."""
-  if init_from:
-    if workdir or step is not None:
-      raise UserError("--init_from loads a transformers GPT-2 directory instead of a run: "
-                      "leave out --workdir and --step.")
-    from gpt2jax.pretrained import load_pretrained
-
-    return load_pretrained(init_from)
-  if workdir is None:
-    workdir = find_latest_run()
-    print(f"{doing} {workdir} (the most recently trained run)", file=sys.stderr)
-  return load_model(workdir, step)
-
-
-def complete_prompts(loaded: LoadedModel, prompts: Sequence[str], options: SamplingOptions,
+def complete_prompts(loaded: "LoadedModel", prompts: Sequence[str], options: SamplingOptions,
                      *, num_samples: int = 1, seed: int = 0, use_cache: bool = True,
                      warn: Callable[[str], None] = print) -> list[str]:
   """Prompt + generated text for each prompt, num_samples times each (in one batch)."""

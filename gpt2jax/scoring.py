@@ -134,7 +134,7 @@ def score_text(loaded: Any, text: str, *, stride: int | None = None, batch_size:
                ) -> tuple[TextScore, str]:
   """The model's score on text (after the corpus's normalization), and the text it scored.
 
-  loaded: a sampling.LoadedModel. stride defaults to default_stride(block).
+  loaded: a runs.LoadedModel. stride defaults to default_stride(block).
   """
   block = loaded.model.config.block_size
   stride = stride or default_stride(block)

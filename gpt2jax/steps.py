@@ -1,7 +1,8 @@
 """The train state and the pure train/eval steps, jitted over a device mesh.
 
 Everything here is a function of its arguments (no I/O): train_lib runs the loop around it,
-aot compiles it for TPU topologies, benchmarks time it.
+aot compiles it for TPU topologies, benchmarks time it. validate_config is the one check of a
+run's config, made before any data is read.
 """
 
 from __future__ import annotations
@@ -126,7 +127,13 @@ def make_eval_step(model: GPT) -> Callable:
   return eval_step
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> GPTConfig:
+  """Checks every value of a run's config once, before any data is read or file written.
+
+  Returns the model's shape, built from config.model. Its vocab_size is config.model's when
+  set (init_from sets it), else 1 until the tokenizer is known: replace it then with
+  dataclasses.replace(shape, vocab_size=tokenizer.model_vocab_size(...)).
+  """
   t = config.train
   for key in ("batch_size", "num_steps", "eval_every", "eval_batches", "checkpoint_every",
               "log_every", "keep_checkpoints", "grad_accum_steps"):
@@ -139,9 +146,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "tokenizer.kind='hf' reads a tokenizer.json: set --config.init_from to a transformers "
         "GPT-2 directory (its weights and tokenizer), or --config.tokenizer.path to a "
         "tokenizer.json to train a new model with.")
-  # The model's and the schedule's own checks, before any work is done or file written.
-  GPTConfig.from_config(config.model, vocab_size=1)
-  optim.learning_rate_schedule(t)
+  shape = GPTConfig.from_config(config.model, config.model.get("vocab_size") or 1)
+  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
+  optim.learning_rate_schedule(t)  # the schedule's own checks
+  return shape
 
 
 @dataclasses.dataclass
@@ -165,9 +173,11 @@ class ShardedSteps:
 
 def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
                        mesh: jax.sharding.Mesh) -> ShardedSteps:
-  """Shardings from the partition rules; steps jitted with them, the train state donated."""
+  """Shardings from the partition rules; steps jitted with them, the train state donated.
+
+  config has passed validate_config for this mesh.
+  """
   t = config.train
-  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
   optimizer = optim.make_optimizer(t)
   schedule = optim.learning_rate_schedule(t)
   abstract = abstract_train_state(model, optimizer)

@@ -19,6 +19,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from gpt2jax import errors
+from gpt2jax.workdir import write_atomic
 
 TOKENIZER_JSON = "tokenizer.json"
 SPM_MODEL = "spm.model"
@@ -45,13 +46,6 @@ class Tokenizer(Protocol):
   def token_strings(self, ids: Iterable[int]) -> list[str]: ...
 
   def save(self, directory: str | os.PathLike) -> None: ...
-
-
-def write_atomic(path: Path, text: str) -> None:
-  """Writes a UTF-8 file under a temporary name, then renames it: never half a file."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -202,9 +196,7 @@ class SentencePieceTokenizer:
   def save(self, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (SPM_MODEL + ".tmp")
-    tmp.write_bytes(self.model_proto)
-    os.replace(tmp, directory / SPM_MODEL)
+    write_atomic(directory / SPM_MODEL, self.model_proto)
     _write_json_atomic(directory / TOKENIZER_JSON, {
         "kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
         "pad_id": self.pad_id, "model_file": SPM_MODEL,

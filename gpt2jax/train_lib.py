@@ -16,11 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt2jax import aot, errors, metrics, parallel, plots, preemption, pretrained, sampling
-from gpt2jax import checkpoint as ckpt
+from gpt2jax import aot, errors, flops, metrics, parallel, plots, preemption, pretrained
+from gpt2jax import sampling, workdir as workdir_lib
+from gpt2jax.checkpoint import Checkpoints
 from gpt2jax.data import batches as batches_lib
 from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
+from gpt2jax.nonfinite import NonfiniteGuard, all_finite
 from gpt2jax.steps import ShardedSteps, TrainState, make_sharded_steps, validate_config
 from gpt2jax.tokenizer import model_vocab_size
 
@@ -43,7 +45,7 @@ class Run:
   workdir: Path
   data: PreparedData
   model: GPT
-  checkpoints: ckpt.Checkpoints
+  checkpoints: Checkpoints
   state: TrainState
   start_step: int
   eval_step: Callable  # (params, global batch) -> loss
@@ -65,32 +67,17 @@ class Run:
                              f"{aot.MEMORY_HINT}.") from e
 
 
-def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None:
-  """A workdir with checkpoints may only be resumed by a config of the same shape."""
-  if not (workdir / ckpt.CONFIG_JSON).exists() or checkpoints.latest_step() is None:
-    return
-  diffs = ckpt.shape_differences(ckpt.load_config(workdir), config)
-  if diffs:
-    what = ("a differently shaped model" if any(d.startswith("model.") for d in diffs)
-            else "a model with another tokenizer")
-    raise errors.UserError(
-        f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
-        "Use a new --workdir, or the same settings to resume."
-    )
-
-
-def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-  """Everything a run needs; train_and_evaluate has validated config and made workdir."""
+def setup_run(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.Mesh,
+              model_shape: GPTConfig) -> Run:
+  """Everything a run needs; train_and_evaluate has validated config for mesh (which gave
+  model_shape) and made workdir."""
   is_writer = jax.process_index() == 0
-  checkpoints = ckpt.Checkpoints(workdir, keep=config.train.keep_checkpoints)
-  _check_workdir(config, workdir, checkpoints)
+  checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  workdir_lib.check_resumable(workdir, config, checkpoints.latest_step() is not None)
   start_step = checkpoints.latest_step() or 0
-  mesh = parallel.make_mesh(config.mesh)
-  t = config.train
-  parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)  # before any data work
   data = prepare_data_on_every_process(config, workdir, resuming=bool(start_step))
   config.model.vocab_size = model_vocab_size(data.tokenizer, config.model)  # kept in config.json
-  model = GPT(GPTConfig.from_config(config.model, config.model.vocab_size))
+  model = GPT(dataclasses.replace(model_shape, vocab_size=config.model.vocab_size))
 
   steps = make_sharded_steps(config, model, mesh)
   resume_meta = {}
@@ -162,59 +149,26 @@ def _startup_report(run: Run, console: metrics.Console) -> None:
          "starting from scratch"))
 
 
-class _NonfiniteGuard:
-  """Stops training at the first NaN/inf loss or gradient norm, before it is checkpointed.
-
-  It reads the per-step flags only where the loop reads metrics anyway (log lines, saves).
-  With train.skip_nonfinite such updates were skipped inside the step; the guard stops only
-  when MAX_SKIPPED_IN_A_ROW of them come in a row (the run is not recovering).
-  """
-
-  MAX_SKIPPED_IN_A_ROW = 20
-
-  def __init__(self, run: Run):
-    self.run = run
-    self.skip = bool(run.config.train.get("skip_nonfinite", False))
-    self.skipped_in_a_row = 0
-
-  def check(self, interval: metrics.Interval, step: int) -> None:
-    host = interval.host()
-    for i in range(interval.checked, len(host)):
-      if not host[i]["nonfinite"]:
-        self.skipped_in_a_row = 0
-        continue
-      self.skipped_in_a_row += 1
-      if not self.skip or self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
-        self._stop(step - len(host) + 1 + i, host[i])
-    interval.checked = len(host)
-
-  def _stop(self, bad_step: int, step_metrics: dict) -> None:
-    run, latest = self.run, self.run.checkpoints.latest_step()
-    raise errors.TrainingDiverged(errors.divergence_message(
-        bad_step, float(step_metrics["loss"]), float(step_metrics["grad_norm"]),
-        str(run.checkpoints.path(latest)) if latest else None,
-        learning_rate=run.config.train.learning_rate, dtype=run.config.model.dtype,
-        skipped_in_a_row=self.skipped_in_a_row if self.skip else 0))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        resume_command: str = "") -> TrainState:
   """Trains (or resumes) the run in workdir up to config.train.num_steps.
 
   SIGTERM or SIGINT stops it, with a checkpoint, at most MAX_UNFINISHED_STEPS + 1 steps
-  after the last one the device had finished (gpt2jax.preemption); resume_command is the command shown for resuming. A NaN or infinite
-  loss stops it with errors.TrainingDiverged, keeping the last good checkpoint.
+  after the last one the device had finished (gpt2jax.preemption); resume_command is the
+  command shown for resuming. A NaN or infinite loss (or parameters, at a save) stops it with
+  errors.TrainingDiverged, keeping the last good checkpoint.
   """
   config, init_note = pretrained.resolve_config(config)
   if init_note and jax.process_index() == 0:
     print(init_note, flush=True)
-  validate_config(config)
+  mesh = parallel.make_mesh(config.mesh)
+  model_shape = validate_config(config, mesh)
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise errors.UserError(f"--workdir {workdir} is a file, not a directory.")
   workdir.mkdir(parents=True, exist_ok=True)
-  with ckpt.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    run = setup_run(config, workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    run = setup_run(config, workdir, mesh, model_shape)
     try:
       with preemption.StopRequests(announce=run.is_writer) as stop_requests:
         return _train(run, stop_requests, resume_command)
@@ -246,7 +200,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
       run.data.train.tokens, config.model.block_size, t.batch_size, t.eval_batches,
       jax.process_index(), jax.process_count())
   if run.is_writer:
-    ckpt.save_config(run.workdir, config)  # only once the config has proved usable
+    workdir_lib.save_config(run.workdir, config)  # only once the config has proved usable
     for name in run.checkpoints.remove_unfinished_saves():
       console.print(f"removed {name}: a save that an earlier run did not finish")
   log = _metrics_log(run)
@@ -254,7 +208,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
 
   state, step = run.state, run.start_step
   interval = metrics.Interval(run.resume_meta.get("pending_metrics", []))
-  guard = _NonfiniteGuard(run)
+  guard = NonfiniteGuard(config, run.checkpoints)
   run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
   report = functools.partial(  # (state, step, record) -> False if a stop request cut it short
       _evaluate_and_report, run, val_windows=val_windows, train_windows=train_windows, log=log,
@@ -264,7 +218,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
     stopping = not report(state, step, record_due or {})
   # Compiles the finiteness check of every save now, while the train step compiles, rather
   # than in the first save (which may be a stop's).
-  ckpt.all_finite(state.params)
+  all_finite(state.params)
   compiled = run.compiled_train_step()
   for line in aot.startup_lines(run.steps.mesh, state, compiled):
     console.print(line)
@@ -305,6 +259,7 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
       meta = {"step": step, "tokens_seen": step * tokens_per_step,
               "elapsed_seconds": time.perf_counter() - run_started,
               "pending_metrics": interval.pending()}
+      guard.check_params(state.params, step)
       run.checkpoints.save(step, state, {**meta, "record_due": record_due} if record_due
                            else meta)
     if is_log:
@@ -330,8 +285,8 @@ def _metrics_log(run: Run) -> metrics.MetricsLog:
   """metrics.jsonl and TensorBoard, with the model's FLOPs per token for MFU."""
   log = metrics.MetricsLog(
       run.workdir, keep_through_step=run.start_step or None, enabled=run.is_writer,
-      flops_per_token=metrics.gpt_flops_per_token(run.model.config, run.state.params),
-      peak_flops=metrics.peak_flops_per_second([d.device_kind for d in jax.devices()]))
+      flops_per_token=flops.gpt_flops_per_token(run.model.config, run.state.params),
+      peak_flops=flops.peak_flops_per_second([d.device_kind for d in jax.devices()]))
   log.write_text("config", json.dumps(run.config.to_dict(), indent=1, ensure_ascii=False),
                  run.start_step)
   return log
@@ -344,8 +299,8 @@ def _write_run_report(run: Run, state: TrainState, tokens_per_step: int) -> None
                                   tokens_per_step=tokens_per_step)
   metrics.write_summary(run.workdir, summary)
   loss_png = plots.write_loss_plot(run.workdir, num_params)
-  print(f"{metrics.format_summary(summary)}\nwrote {run.workdir / metrics.SUMMARY_JSON} and "
-        f"{loss_png}", flush=True)
+  summary_json = run.workdir / workdir_lib.SUMMARY_JSON
+  print(f"{metrics.format_summary(summary)}\nwrote {summary_json} and {loss_png}", flush=True)
 
 
 def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,

@@ -42,8 +42,8 @@ class Probe:
 
       return dataclasses.replace(compiled, executable=recorded)
 
-    def setup_run_with_probed_evaluation(config, workdir):
-      run = setup_run(config, workdir)
+    def setup_run_with_probed_evaluation(*args):
+      run = setup_run(*args)
       eval_step = run.eval_step
 
       def probed(params, batch):

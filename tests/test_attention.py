@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_script
-from gpt2jax import plots, sampling
+from gpt2jax import plots, runs
 from gpt2jax.errors import UserError
 from gpt2jax.model import GPT, GPTConfig
 from test_report import png_size
@@ -81,7 +81,7 @@ def test_a_missing_font_gives_a_clear_warning(monkeypatch):
 
 
 def test_attention_plot_of_one_head(trained_workdir, tmp_path):
-  loaded = sampling.load_model(trained_workdir)
+  loaded = runs.load_model(trained_workdir)
   path = plots.draw_prompt_attention(loaded, "JULIET: ויאמר", tmp_path / "attn.png", layer=1,
                                      head="1")
   width, height = png_size(path)

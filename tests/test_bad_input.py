@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_config
-from gpt2jax import checkpoint as ckpt
-from gpt2jax import cli, errors, sampling, steps, train_lib
+from gpt2jax import cli, errors, parallel, runs, sampling, steps, train_lib
+from gpt2jax.checkpoint import Checkpoints
+from gpt2jax.nonfinite import NonfiniteGuard, all_finite
 from gpt2jax.tokenizer import load_tokenizer
+from gpt2jax.workdir import CHECKPOINT_DIR, CONFIG_JSON, LOCK_FILE, TOKENIZER_DIR, WorkdirLock
 
 
 def snapshot(workdir: Path) -> dict:
   """Content and modification time of every file (the lock file aside)."""
   return {str(p.relative_to(workdir)): (hashlib.sha256(p.read_bytes()).hexdigest(),
                                         p.stat().st_mtime_ns)
-          for p in sorted(workdir.rglob("*")) if p.is_file() and p.name != ckpt.LOCK_FILE}
+          for p in sorted(workdir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def assert_one_clear_error(code: int, stderr: str, *words: str) -> None:
@@ -110,18 +112,18 @@ def test_bad_input_for_a_new_run_writes_no_checkpoint_or_config(case, tmp_path, 
   code, stderr = run_cli(lambda: train_lib.train_and_evaluate(config, tmp_path / "new"),
                          capsys)
   assert_one_clear_error(code, stderr, *words)
-  assert not (tmp_path / "new" / ckpt.CONFIG_JSON).exists()
-  assert list((tmp_path / "new" / ckpt.CHECKPOINT_DIR).iterdir()) == []
+  assert not (tmp_path / "new" / CONFIG_JSON).exists()
+  assert list((tmp_path / "new" / CHECKPOINT_DIR).iterdir()) == []
 
 
 def test_a_workdir_in_use_or_a_file_is_refused(workdir, tiny_text_file, capsys):
   before = snapshot(workdir)
   config = tiny_config(tiny_text_file, train__num_steps=60)
-  with ckpt.WorkdirLock(workdir):  # another training run holds it
+  with WorkdirLock(workdir):  # another training run holds it
     code, stderr = run_cli(lambda: train_lib.train_and_evaluate(config, workdir), capsys)
   assert_one_clear_error(code, stderr, "in use by another training run", f"pid {os.getpid()}")
   code, stderr = run_cli(
-      lambda: train_lib.train_and_evaluate(config, workdir / ckpt.CONFIG_JSON), capsys)
+      lambda: train_lib.train_and_evaluate(config, workdir / CONFIG_JSON), capsys)
   assert_one_clear_error(code, stderr, "config.json is a file, not a directory")
   assert snapshot(workdir) == before
 
@@ -141,7 +143,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(workdir, tiny_
 
   config = tiny_config(tiny_text_file, train__num_steps=41)
   resumed = train_lib.train_and_evaluate(config, workdir)  # the rerun resumes from step 40
-  assert int(resumed.step) == 41 and ckpt.all_finite(resumed.params)
+  assert int(resumed.step) == 41 and all_finite(resumed.params)
   assert "resuming from step 40" in capsys.readouterr().out
 
 
@@ -170,9 +172,11 @@ def test_skip_nonfinite_drops_the_update_but_counts_the_step(tiny_text_file, tmp
     unchanged = [np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(new_state),
                                                       jax.tree_util.tree_leaves(poisoned))]
     assert all(unchanged[1:]) == skip  # params and optimizer state kept only when skipping
+  # The loop's guard refuses to save such parameters (a checkpoint is a state to resume from).
+  guard = NonfiniteGuard(config, Checkpoints(tmp_path, async_save=False))
+  guard.check_params(state.params, 1)
   with pytest.raises(errors.TrainingDiverged, match="Not saving checkpoint 1"):
-    ckpt.Checkpoints(tmp_path, async_save=False).save(1, poisoned, {})
-  assert list((tmp_path / ckpt.CHECKPOINT_DIR).iterdir()) == []
+    guard.check_params(poisoned.params, 1)
 
 
 SAMPLING_CASES = {
@@ -188,7 +192,7 @@ SAMPLING_CASES = {
 def test_bad_sampling_options_are_one_line(case, workdir, capsys):
   options, words = SAMPLING_CASES[case]
   before = snapshot(workdir)
-  loaded = sampling.load_model(workdir)
+  loaded = runs.load_model(workdir)
   code, stderr = run_cli(lambda: sampling.complete_prompts(
       loaded, ["ROMEO"], sampling.SamplingOptions(**options)), capsys)
   assert_one_clear_error(code, stderr, words)
@@ -198,13 +202,13 @@ def test_bad_sampling_options_are_one_line(case, workdir, capsys):
 def test_sampling_a_workdir_without_checkpoints_or_config(workdir, tmp_path, capsys):
   untrained = tmp_path / "untrained"  # config and tokenizer written, killed before step 1
   untrained.mkdir()
-  shutil.copy(workdir / ckpt.CONFIG_JSON, untrained)
-  shutil.copytree(workdir / ckpt.TOKENIZER_DIR, untrained / ckpt.TOKENIZER_DIR)
+  shutil.copy(workdir / CONFIG_JSON, untrained)
+  shutil.copytree(workdir / TOKENIZER_DIR, untrained / TOKENIZER_DIR)
   before = snapshot(untrained)
-  code, stderr = run_cli(lambda: sampling.load_model(untrained), capsys)
+  code, stderr = run_cli(lambda: runs.load_model(untrained), capsys)
   assert_one_clear_error(code, stderr, "holds no checkpoint yet", "train it first")
-  assert snapshot(untrained) == before and not (untrained / ckpt.CHECKPOINT_DIR).exists()
-  code, stderr = run_cli(lambda: sampling.load_model(tmp_path), capsys)
+  assert snapshot(untrained) == before and not (untrained / CHECKPOINT_DIR).exists()
+  code, stderr = run_cli(lambda: runs.load_model(tmp_path), capsys)
   assert_one_clear_error(code, stderr, "holds no config.json", "python train.py --config=")
 
 
@@ -293,7 +297,7 @@ def test_interrupts_and_os_errors_outside_the_loop_are_one_line(capsys):
     (dict(data=4, fsdp=2), 8, dict(data=4, fsdp=2)),
 ])
 def test_mesh_shapes_that_fit_the_devices(sizes, devices, expected):
-  assert errors.resolve_mesh_shape(sizes, devices) == expected
+  assert parallel.resolve_mesh_shape(sizes, devices) == expected
 
 
 @pytest.mark.parametrize("sizes, devices, words", [
@@ -304,17 +308,17 @@ def test_mesh_shapes_that_fit_the_devices(sizes, devices, expected):
 ])
 def test_mesh_shapes_that_do_not_fit_are_refused(sizes, devices, words):
   with pytest.raises(errors.UserError, match=words.replace("(", r"\(")):
-    errors.resolve_mesh_shape(sizes, devices)
+    parallel.resolve_mesh_shape(sizes, devices)
 
 
 def test_batch_sizes_must_split_over_the_data_parallel_devices():
-  errors.check_batch_divides(32, 8)
-  errors.check_batch_divides(32, 4, grad_accum_steps=2)
+  parallel.check_batch_divides(32, 8)
+  parallel.check_batch_divides(32, 4, grad_accum_steps=2)
   with pytest.raises(errors.UserError, match=r"train.batch_size=30 is not divisible by the "
                      r"8-way data parallelism .* e.g. --config.train.batch_size=32"):
-    errors.check_batch_divides(30, 8)
+    parallel.check_batch_divides(30, 8)
   with pytest.raises(errors.UserError, match=r"micro-batch 12 \(batch_size / grad_accum_steps\)"
                      r" is not divisible by the 8-way .* e.g. --config.train.batch_size=32"):
-    errors.check_batch_divides(24, 8, grad_accum_steps=2)
+    parallel.check_batch_divides(24, 8, grad_accum_steps=2)
   with pytest.raises(errors.UserError, match="not divisible by train.grad_accum_steps=3"):
-    errors.check_batch_divides(32, 8, grad_accum_steps=3)
+    parallel.check_batch_divides(32, 8, grad_accum_steps=3)

@@ -9,13 +9,13 @@ import optax
 import pytest
 
 from conftest import run_module
-from gpt2jax import sampling, scoring
+from gpt2jax import runs, scoring
 from gpt2jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_workdir):
-  return sampling.load_model(trained_workdir)
+  return runs.load_model(trained_workdir)
 
 
 def direct_nats(loaded, contexts, targets):

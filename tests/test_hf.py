@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, run_module, run_script, tiny_config
-from gpt2jax import export, hf_checkpoint, hf_tokenizer, pretrained, sampling, train_lib
+from gpt2jax import export, hf_checkpoint, hf_tokenizer, pretrained, runs, sampling, train_lib
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
 from gpt2jax.model import GPT, GPTConfig
@@ -55,14 +55,14 @@ def edit_config(directory, **changes):
 @pytest.mark.parametrize("directory", [TINY_GPT2, SHARDED_GPT2], ids=["single", "sharded"])
 def test_imported_gpt2_gives_transformers_logits(directory):
   reference = load_file(str(TINY_GPT2 / "reference.safetensors"))
-  loaded = pretrained.load_pretrained(directory)
+  loaded = runs.load_pretrained(directory)
   assert loaded.model.config.block_size == reference["input_ids"].shape[1] == 64
   difference = np.abs(logits_of(loaded, reference["input_ids"]) - reference["logits"])
   assert difference.max() <= 1e-4, difference.max()
 
 
 def test_imported_gpt2_continues_greedily_as_transformers_does():
-  loaded = pretrained.load_pretrained(TINY_GPT2)
+  loaded = runs.load_pretrained(TINY_GPT2)
   options = sampling.SamplingOptions(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
   for case in REFERENCE["greedy"]:
     new = sampling.generate(loaded.model, loaded.params, [case["prompt_ids"]], options,
@@ -75,7 +75,7 @@ def test_scanned_layers_take_the_same_weights(tmp_path):
   shape = hf_checkpoint.read_shape(TINY_GPT2)
   model = GPT(GPTConfig(vocab_size=shape.vocab_size, block_size=64, scan_layers=True,
                                    **shape.model_fields()))
-  params = pretrained._read_params(TINY_GPT2, shape, model)
+  params = pretrained.read_params(TINY_GPT2, shape, model)
   logits, _ = model.apply({"params": params}, reference["input_ids"])
   np.testing.assert_allclose(logits, reference["logits"], atol=1e-4)
 
@@ -106,7 +106,7 @@ def test_checkpoints_gpt2jax_would_compute_differently_are_refused(tmp_path, cha
   directory = copy_fixture(tmp_path)
   edit_config(directory, **change)
   with pytest.raises(UserError, match=message):
-    pretrained.load_pretrained(directory)
+    runs.load_pretrained(directory)
 
 
 def test_a_pickle_is_refused_unopened_and_missing_files_are_named(tmp_path):
@@ -115,17 +115,17 @@ def test_a_pickle_is_refused_unopened_and_missing_files_are_named(tmp_path):
   (directory / "pytorch_model.bin").write_bytes(b"not even a pickle")  # never opened
   with pytest.raises(UserError, match=r"holds pytorch_model.bin .*never loads a pickle.*"
                                       r"save_pretrained\('OUT'\) writes OUT/model.safetensors"):
-    pretrained.load_pretrained(directory)
+    runs.load_pretrained(directory)
   with pytest.raises(UserError, match=r"holds no config.json: it is not a transformers model"):
-    pretrained.load_pretrained(tmp_path)
+    runs.load_pretrained(tmp_path)
   sharded = copy_fixture(tmp_path, SHARDED_GPT2)
   (sharded / "model-00002-of-00003.safetensors").unlink()
   with pytest.raises(UserError, match=r"lists model-00002-of-00003.safetensors, which is missing"):
-    pretrained.load_pretrained(sharded)
+    runs.load_pretrained(sharded)
   (directory / "tokenizer.json").unlink()
   (directory / "model.safetensors").write_bytes((TINY_GPT2 / "model.safetensors").read_bytes())
   with pytest.raises(UserError, match=r"tokenizer.json does not exist"):
-    pretrained.load_pretrained(directory)
+    runs.load_pretrained(directory)
 
 
 @pytest.mark.parametrize("bias, tied", [(False, True), (True, False)])
@@ -192,7 +192,7 @@ def test_a_saved_dataset_and_a_tokenizer_json_train_a_model_with_a_padded_vocabu
                        data__corpus="hf", data__hf_path=str(tmp_path / "stories"),
                        train__num_steps=20, train__eval_every=20, train__checkpoint_every=20)
   train_lib.train_and_evaluate(config, tmp_path / "run")
-  loaded = sampling.load_model(tmp_path / "run")
+  loaded = runs.load_model(tmp_path / "run")
   assert (loaded.tokenizer.vocab_size, loaded.model.config.vocab_size) == (300, 320)
   evals = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
   assert evals[-1] < evals[0] - 0.5
@@ -210,9 +210,9 @@ def test_a_saved_dataset_and_a_tokenizer_json_train_a_model_with_a_padded_vocabu
 # --- export --------------------------------------------------------------------------------
 
 def exported_and_back(tmp_path, workdir):
-  loaded = sampling.load_model(workdir)
+  loaded = runs.load_model(workdir)
   report = export.export_run(loaded, tmp_path / "exported")
-  return loaded, report, pretrained.load_pretrained(tmp_path / "exported")
+  return loaded, report, runs.load_pretrained(tmp_path / "exported")
 
 
 def assert_same_model(ours, back, texts):
@@ -251,7 +251,7 @@ def test_a_bpe_run_with_hebrew_marks_stripped_exports_the_same(tmp_path, tiny_te
 
 def test_export_writes_nothing_when_a_check_fails_and_never_overwrites(tmp_path, trained_workdir,
                                                                      monkeypatch):
-  loaded = sampling.load_model(trained_workdir)
+  loaded = runs.load_model(trained_workdir)
   (tmp_path / "taken").mkdir()
   (tmp_path / "taken" / "keep.txt").write_text("mine")
   with pytest.raises(UserError, match=r"already exists: choose a new directory"):
@@ -293,10 +293,10 @@ def test_finetuning_a_gpt2_lowers_its_loss_resumes_exactly_and_samples(tmp_path,
   evals = [r for r in read_metrics(tmp_path / "straight") if "val_loss" in r]
   assert evals[0]["step"] == 0 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
   # Step 0 is the imported model itself: its loss is not a random model's ln(512) = 6.24.
-  first = pretrained.load_pretrained(TINY_GPT2)
+  first = runs.load_pretrained(TINY_GPT2)
   assert abs(evals[0]["val_loss"] - np.log(512)) > 0.5
   assert first.model.config.vocab_size == 512
-  loaded = sampling.load_model(tmp_path / "run")
+  loaded = runs.load_model(tmp_path / "run")
   assert loaded.tokenizer.kind == "hf" and loaded.model.config.block_size == 32
   text = sampling.complete_prompts(loaded, ["And God said"], sampling.SamplingOptions(
       max_new_tokens=10, temperature=0.0))[0]

@@ -107,9 +107,9 @@ def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path, tiny_tex
   assert out["fsdp_param_bytes_per_device"] == out["matrix_bytes"] / 8 + out["vector_bytes"]
 
   # A checkpoint written by the 8-device mesh loads for sampling on one device.
-  from gpt2jax import sampling
+  from gpt2jax import runs
 
-  loaded = sampling.load_model(tmp_path / "fsdp")
+  loaded = runs.load_model(tmp_path / "fsdp")
   assert loaded.step == 6
   assert {d for x in jax.tree_util.tree_leaves(loaded.params) for d in x.devices()} == {
       jax.devices()[0]}

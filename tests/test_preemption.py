@@ -16,7 +16,7 @@ import kill_during_save
 from stop_probe import Probe
 from conftest import REPO, tiny_config
 from gpt2jax import checkpoint as ckpt
-from gpt2jax import errors, preemption, train_lib
+from gpt2jax import errors, preemption, runs, train_lib
 from gpt2jax.metrics import read_metrics
 
 TIMING_KEYS = {"tokens_per_second", "elapsed_seconds", "model_tflops_per_second", "mfu"}
@@ -266,7 +266,7 @@ def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(
   assert ckpt.Checkpoints(workdir, for_training=False).latest_step() == complete_step
   if stage == "deleting":  # the previous checkpoint is half deleted: listed but unreadable
     with pytest.raises(errors.UserError, match=r"checkpoints/10 cannot be read .* move it"):
-      train_lib.sampling.load_model(workdir, step=10)
+      runs.load_model(workdir, step=10)
 
   config = kill_during_save.config(str(tiny_text_file))
   config.train.num_steps = 30

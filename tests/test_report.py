@@ -99,18 +99,6 @@ def test_summary_adds_up_time_and_tokens_over_resumed_sessions():
   assert summary["tokens_seen"] == 1500 and summary["final_train_loss"] == 2.5
 
 
-def test_mfu_is_logged_against_the_devices_peak():
-  assert metrics.peak_flops_per_second(["TPU v4"] * 4) == 4 * 275e12
-  assert metrics.peak_flops_per_second(["TPU v3"] * 8) == 4 * 123e12  # 2 cores per chip
-  assert metrics.peak_flops_per_second(["NVIDIA H100 80GB HBM3"]) == 989e12
-  assert metrics.peak_flops_per_second(["cpu"]) is None
-  # nanoGPT's count: 6N + 12 L d T
-  assert metrics.model_flops_per_token(1000, 2, 16, 8) == 6000 + 12 * 2 * 16 * 8
-  assert metrics.utilization(1e6, 6e6, 4 * 275e12) == pytest.approx(
-      {"model_tflops_per_second": 6.0, "mfu": 6e12 / (4 * 275e12)})
-  assert "mfu" not in metrics.utilization(1e6, 6e6, None)
-
-
 def test_loss_plot_is_a_png_of_sane_size(trained_workdir, tmp_path):
   width, height = png_size(trained_workdir / "plots" / "loss.png")
   assert 600 <= width <= 2000 and 400 <= height <= 2000

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from benchmarks import measure
-from gpt2jax import metrics, runtime
+from gpt2jax import flops, runtime
 from gpt2jax.model import count_params
 
 TINY = measure.Shape("tiny", n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2,
@@ -89,7 +89,7 @@ def test_flops_per_token_is_nanogpts_estimate():
   config = TINY.model_config()
   params = GPT(config).init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
   n = count_params(params) - 16 * 32  # without the position embedding
-  assert metrics.gpt_flops_per_token(config, params) == 6 * n + 12 * 1 * 16 * 32
+  assert flops.gpt_flops_per_token(config, params) == 6 * n + 12 * 1 * 16 * 32
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

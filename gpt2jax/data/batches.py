@@ -24,14 +24,14 @@ def _check_length(tokens: np.ndarray, block_size: int, split_name: str) -> None:
 
 
 class TrainBatches:
-  """batch(step) -> int32 [local_batch, block_size + 1] for this process."""
+  """batch(step) -> int32 [local_batch, block_size + 1] for this process.
+
+  batch_size must divide by process_count (steps.validate_config checks it for a run).
+  """
 
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
     _check_length(tokens, block_size, "training")
-    if batch_size % process_count:
-      raise errors.UserError(f"train.batch_size={batch_size} is not divisible by the "
-                             f"{process_count} processes.")
     self.tokens = tokens
     self.block_size = block_size
     self.batch_size = batch_size

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2jax import tokenizer as tokenizer_lib
-from gpt2jax.checkpoint import DATA_DIR, TOKENIZER_DIR
 from gpt2jax.data import sources, tokens
+from gpt2jax.workdir import DATA_DIR, TOKENIZER_DIR
 
 
 @dataclasses.dataclass

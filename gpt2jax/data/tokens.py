@@ -16,10 +16,10 @@ to the files, so memory stays bounded however large the corpus; the files are me
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,6 +28,7 @@ import numpy as np
 
 from gpt2jax import errors
 from gpt2jax.tokenizer import Tokenizer, tokenizer_fingerprint
+from gpt2jax.workdir import atomic_path, write_atomic
 
 SPLIT_SHUFFLE_SEED = 1234
 META_FILE = "tokens.json"
@@ -140,12 +141,11 @@ def cache_fingerprint(corpus_digest: str, tokenizer: Tokenizer, settings: dict) 
 
 
 class _SplitWriter:
-  """Appends encoded documents of one split to <name>.bin.tmp, a chunk at a time."""
+  """Appends encoded documents of one split to a file, a chunk at a time."""
 
   def __init__(self, path: Path, tokenizer: Tokenizer):
-    self.path, self.tokenizer = path, tokenizer
-    self.tmp = path.with_name(path.name + ".tmp")
-    self.file = open(self.tmp, "wb")
+    self.tokenizer = tokenizer
+    self.file = open(path, "wb")
     self.pending: list[str] = []
     self.pending_chars = self.num_tokens = self.num_bytes = 0
 
@@ -167,7 +167,6 @@ class _SplitWriter:
   def close(self) -> dict:
     self.flush()
     self.file.close()
-    os.replace(self.tmp, self.path)
     return {"num_tokens": self.num_tokens, "num_bytes": self.num_bytes}
 
 
@@ -175,14 +174,16 @@ def _encode_to_files(cache_dir: Path, tokenizer: Tokenizer, documents: Iterable[
                      train_chars: np.ndarray, num_characters: int) -> dict:
   from tqdm import tqdm
 
-  writers = {name: _SplitWriter(cache_dir / f"{name}.bin", tokenizer) for name in SPLITS}
-  with tqdm(total=num_characters, unit="char", unit_scale=True, desc="encoding",
-            disable=None, leave=False) as progress:
-    for train_part, val_part in split_parts(documents, train_chars):
-      writers["train"].add(train_part)
-      writers["val"].add(val_part)
-      progress.update(len(train_part) + len(val_part))
-  return {name: writer.close() for name, writer in writers.items()}
+  with contextlib.ExitStack() as files:  # each <name>.bin appears whole, or not at all
+    writers = {name: _SplitWriter(files.enter_context(atomic_path(cache_dir / f"{name}.bin")),
+                                  tokenizer) for name in SPLITS}
+    with tqdm(total=num_characters, unit="char", unit_scale=True, desc="encoding",
+              disable=None, leave=False) as progress:
+      for train_part, val_part in split_parts(documents, train_chars):
+        writers["train"].add(train_part)
+        writers["val"].add(val_part)
+        progress.update(len(train_part) + len(val_part))
+    return {name: writer.close() for name, writer in writers.items()}
 
 
 def cached_splits(cache_dir: Path, tokenizer: Tokenizer, read_documents: Callable[[], Iterable[str]],
@@ -206,9 +207,7 @@ def cached_splits(cache_dir: Path, tokenizer: Tokenizer, read_documents: Callabl
           "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
           "splits": _encode_to_files(cache_dir, tokenizer, read_documents(), train_chars,
                                      scan.num_characters)}
-  tmp = meta_path.with_name(META_FILE + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-  os.replace(tmp, meta_path)
+  write_atomic(meta_path, json.dumps(meta, indent=1))
   return _load_split(cache_dir, meta, "train"), _load_split(cache_dir, meta, "val")
 
 
