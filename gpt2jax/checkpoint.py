@@ -37,12 +37,15 @@ METRICS_JSONL = "metrics.jsonl"
 SAMPLES_TXT = "samples.txt"
 LOCK_FILE = ".lock"  # held by the training run using the workdir
 
-# Config keys that fix the parameter shapes or the vocabulary: a resumed run must match them.
+# Config keys that fix the parameter shapes, the vocabulary or the optimizer state's tree: a
+# resumed run must match them.
 SHAPE_KEYS = (
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
     "model.tie_embeddings", "model.scan_layers", "model.vocab_size", "tokenizer.kind",
-    "tokenizer.vocab_size",
+    "tokenizer.vocab_size", "train.optimizer",
 )
+# What a workdir written before a key existed used: it resumes under that value.
+KEY_DEFAULTS = {"train.optimizer": "adamw"}
 
 
 def save_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -75,6 +78,8 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
   diffs = []
   for key in SHAPE_KEYS:
     before, after = _lookup(saved, key), _lookup(current, key)
+    if before is None:
+      before = KEY_DEFAULTS.get(key)
     if key == "tokenizer.vocab_size" and _lookup(current, "tokenizer.kind") in ("char", "hf"):
       continue  # sized by the corpus, or by the tokenizer file
     if key == "model.vocab_size" and not after:

@@ -142,6 +142,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # The model's and the schedule's own checks, before any work is done or file written.
   GPTConfig.from_config(config.model, vocab_size=1)
   optim.learning_rate_schedule(t)
+  optim.check_optimizer_config(t)
 
 
 @dataclasses.dataclass

@@ -69,14 +69,19 @@ def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None
   """A workdir with checkpoints may only be resumed by a config of the same shape."""
   if not (workdir / ckpt.CONFIG_JSON).exists() or checkpoints.latest_step() is None:
     return
-  diffs = ckpt.shape_differences(ckpt.load_config(workdir), config)
-  if diffs:
-    what = ("a differently shaped model" if any(d.startswith("model.") for d in diffs)
-            else "a model with another tokenizer")
-    raise errors.UserError(
-        f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
-        "Use a new --workdir, or the same settings to resume."
-    )
+  saved = ckpt.load_config(workdir)
+  diffs = ckpt.shape_differences(saved, config)
+  if not diffs:
+    return
+  if any(d.startswith("model.") for d in diffs):
+    what, fix = "a differently shaped model", "the same settings"
+  elif any(d.startswith("tokenizer.") for d in diffs):
+    what, fix = "a model with another tokenizer", "the same settings"
+  else:  # the optimizer state's tree differs
+    what = "another optimizer's state"
+    fix = f"--config.train.optimizer={saved.train.get('optimizer', 'adamw')}"
+  raise errors.UserError(f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
+                         f"Use a new --workdir, or {fix} to resume.")
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
