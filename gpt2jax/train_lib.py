@@ -66,7 +66,7 @@ class Run:
 
 
 def _check_workdir(config, workdir: Path, checkpoints: ckpt.Checkpoints) -> None:
-  """A workdir with checkpoints may only be resumed by a config of the same shape."""
+  """A workdir with checkpoints may only be resumed by a config of the same shape and optimizer."""
   if not (workdir / ckpt.CONFIG_JSON).exists() or checkpoints.latest_step() is None:
     return
   saved = ckpt.load_config(workdir)
