@@ -61,8 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 32  # sequences per update, over all devices and micro-batches
   config.train.grad_accum_steps = 1  # micro-batches of batch_size / grad_accum_steps each
   config.train.num_steps = 2000
-  config.train.learning_rate = 1e-3
+  config.train.optimizer = "adamw"  # or "muon": Muon on the blocks' kernels, AdamW on the rest
+  config.train.learning_rate = 1e-3  # AdamW's peak (with muon: embeddings, biases, LayerNorms)
   config.train.min_learning_rate = 1e-4
+  config.train.muon_learning_rate = 0.02  # Muon's peak, same warmup and cosine (optimizer=muon)
+  config.train.muon_momentum = 0.95  # Muon's Nesterov momentum (optimizer=muon)
   config.train.warmup_steps = 100
   config.train.decay_steps = -1  # cosine decay ends here; -1 means num_steps
   config.train.weight_decay = 0.1

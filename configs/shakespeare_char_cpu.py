@@ -12,6 +12,11 @@ decay 0.1, clip 1.0), 100 warmup steps then cosine decay to 1e-4 at step 2000; e
 every 250 steps on 20 batches, a checkpoint at each. Like nanoGPT's it prints no samples
 (set --config.train.sample_tokens=200 for one at every evaluation). It reaches a validation
 loss of about 1.87 at step 2000; README, "Performance", has its wall time.
+
+With --config.train.optimizer=muon (Muon on the blocks' kernels, muon_learning_rate 0.02) the
+same 2000 steps reach a validation loss of 1.60, and AdamW's 1.87 by step 850; its step is
+about 1.8x slower on this small model, so its time to that loss is about 0.75x AdamW's
+(README, "Performance", "Muon"). The recipe keeps AdamW, as nanoGPT's does.
 """
 
 from configs import default

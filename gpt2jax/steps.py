@@ -149,6 +149,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   shape = GPTConfig.from_config(config.model, config.model.get("vocab_size") or 1)
   parallel.check_batch_size(t.batch_size, mesh, t.grad_accum_steps)
   optim.learning_rate_schedule(t)  # the schedule's own checks
+  optim.check_optimizer_config(t)
   return shape
 
 

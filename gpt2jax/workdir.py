@@ -43,8 +43,10 @@ LOCK_FILE = ".lock"
 SHAPE_KEYS = (
     "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.bias",
     "model.tie_embeddings", "model.scan_layers", "model.vocab_size", "tokenizer.kind",
-    "tokenizer.vocab_size",
+    "tokenizer.vocab_size", "train.optimizer",
 )
+# What a workdir written before a key existed used: it resumes under that value.
+KEY_DEFAULTS = {"train.optimizer": "adamw"}
 
 
 @contextlib.contextmanager
@@ -99,6 +101,8 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
   diffs = []
   for key in SHAPE_KEYS:
     before, after = _lookup(saved, key), _lookup(current, key)
+    if before is None:
+      before = KEY_DEFAULTS.get(key)
     if key == "tokenizer.vocab_size" and _lookup(current, "tokenizer.kind") in ("char", "hf"):
       continue  # sized by the corpus, or by the tokenizer file
     if key == "model.vocab_size" and not after:
@@ -110,15 +114,23 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
 
 def check_resumable(workdir: Path, config: ml_collections.ConfigDict, has_checkpoints: bool
                     ) -> None:
-  """A workdir with checkpoints may only be resumed by a config of the same shape."""
+  """A workdir with checkpoints may only be resumed by a config of the same shape, tokenizer
+  and optimizer."""
   if not has_checkpoints or not (Path(workdir) / CONFIG_JSON).exists():
     return
-  diffs = shape_differences(load_config(workdir), config)
-  if diffs:
-    what = ("a differently shaped model" if any(d.startswith("model.") for d in diffs)
-            else "a model with another tokenizer")
-    raise UserError(f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
-                    "Use a new --workdir, or the same settings to resume.")
+  saved = load_config(workdir)
+  diffs = shape_differences(saved, config)
+  if not diffs:
+    return
+  if any(d.startswith("model.") for d in diffs):
+    what, fix = "a differently shaped model", "the same settings"
+  elif any(d.startswith("tokenizer.") for d in diffs):
+    what, fix = "a model with another tokenizer", "the same settings"
+  else:  # the optimizer state's tree differs
+    what = "another optimizer's state"
+    fix = f"--config.train.optimizer={saved.train.get('optimizer', 'adamw')}"
+  raise UserError(f"{workdir} holds checkpoints of {what} ({'; '.join(diffs)}). "
+                  f"Use a new --workdir, or {fix} to resume.")
 
 
 class WorkdirLock:
