@@ -100,9 +100,8 @@ def shape_differences(saved: ml_collections.ConfigDict, current: ml_collections.
   """Human-readable 'key: saved -> current' for each shape key that changed."""
   diffs = []
   for key in SHAPE_KEYS:
-    before, after = _lookup(saved, key), _lookup(current, key)
-    if before is None:
-      before = KEY_DEFAULTS.get(key)
+    before, after = (KEY_DEFAULTS.get(key) if value is None else value
+                     for value in (_lookup(saved, key), _lookup(current, key)))
     if key == "tokenizer.vocab_size" and _lookup(current, "tokenizer.kind") in ("char", "hf"):
       continue  # sized by the corpus, or by the tokenizer file
     if key == "model.vocab_size" and not after:
