@@ -81,6 +81,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path, tiny_text_file,
                                                                 one_device_run):
   script = EIGHT_DEVICE_SCRIPT.format(tests=str(TESTS), text=str(tiny_text_file),
@@ -121,6 +122,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, tiny_text_file, one_device_run):
   config_file = tmp_path / "tiny_config.py"
   config_file.write_text(textwrap.dedent(f"""

@@ -102,6 +102,7 @@ def test_attention_plot_of_one_head(trained_workdir, tmp_path):
     plots.draw_prompt_attention(loaded, "JULIET", tmp_path / "x.png", layer=2, head="all")
 
 
+@pytest.mark.slow
 def test_sample_script_draws_every_head_of_a_layer(trained_workdir, tmp_path):
   result = run_script("sample.py", f"--workdir={trained_workdir}", "--prompt=ויאמר אלהים",
                       f"--attention_plot={tmp_path / 'attn.png'}", "--layer=0", "--head=all")
@@ -114,10 +115,13 @@ def test_sample_script_draws_every_head_of_a_layer(trained_workdir, tmp_path):
   assert bad.returncode == 1 and "layers 0..1" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_loss_plot_is_a_png_of_sane_size(trained_workdir, tmp_path):
+def test_training_draws_a_loss_plot_of_sane_size(trained_workdir):
   width, height = png_size(trained_workdir / "plots" / "loss.png")
   assert 600 <= width <= 2000 and 400 <= height <= 2000
-  # on demand, from the command line
+
+
+@pytest.mark.slow
+def test_the_plots_command_draws_the_loss_plot_of_a_workdir(trained_workdir, tmp_path):
   (tmp_path / "w").mkdir()
   for name in ("config.json", "metrics.jsonl"):
     (tmp_path / "w" / name).write_bytes((trained_workdir / name).read_bytes())

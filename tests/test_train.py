@@ -51,6 +51,7 @@ def test_resuming_with_another_model_shape_is_refused(trained_workdir, tiny_text
   assert sorted(p.name for p in trained_workdir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_train_script_defaults_workdir_to_runs_config_name_and_resumes(tmp_path, tiny_text_file):
   args = ["--config=" + str(REPO / "configs" / "shakespeare_char.py"),
           f"--config.data.path={tiny_text_file}", "--config.model.n_layer=1",
