@@ -70,12 +70,14 @@ def part_of(op_name: str) -> str:
 _DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([^,)\s]+).*?lhs_contracting_dims=\{([\d,]*)\}")
 
 
-def _dot_flops(fused_body: str) -> int:
-  """FLOPs of the dots in a fused computation's HLO text."""
+def _dot_flops(text: str, scope: str | None = None) -> int:
+  """FLOPs of the dots in `text` (a fused computation's HLO, or one instruction), their left
+  operands' shapes looked up in `scope` (the text itself by default)."""
+  scope = text if scope is None else scope
   flops = 0
-  for m in _DOT.finditer(fused_body):
+  for m in _DOT.finditer(text):
     out_shape, lhs_name, contracting = m.groups()
-    lhs = re.search(re.escape(lhs_name) + r" = \w+\[([\d,]*)\]", fused_body)
+    lhs = re.search("%" + re.escape(lhs_name) + r" = \w+\[([\d,]*)\]", scope)
     lhs_dims = [int(d) for d in lhs.group(1).split(",") if d]
     size = 1
     for d in (int(d) for d in out_shape.split(",") if d):
@@ -92,15 +94,28 @@ class Op:
   dot_flops: int
 
 
+_INSTRUCTION = re.compile(
+    r"^\s+(?:ROOT )?%(\S+) = .*?(?:calls=%(\S+?),.*?)?op_name=\"([^\"]*)\"", re.M)
+
+
 def ops_of(hlo_text: str) -> dict[str, Op]:
   """Each instruction of the optimized HLO -> its part of the model and its matmul FLOPs."""
   bodies = {m.group(1): m.group(2) for m in
             re.finditer(r"^%?(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text, re.M | re.S)}
+  # Instructions inside fused computations run (and are traced) as their fusion.
+  fused = set(re.findall(r" fusion\(.*?calls=%?([\w.\-]+)", hlo_text))
+  inside_fusions = {name for computation in fused for name in
+                    re.findall(r"^\s+(?:ROOT )?%(\S+) = ", bodies.get(computation, ""), re.M)}
   ops = {}
-  for m in re.finditer(r"^\s+(?:ROOT )?%(\S+) = .*?(?:calls=%(\S+?),.*?)?op_name=\"([^\"]*)\"",
-                       hlo_text, re.M):
+  for m in _INSTRUCTION.finditer(hlo_text):
     name, called, op_name = m.groups()
-    ops[name] = Op(part_of(op_name), _dot_flops(bodies.get(called, "")) if called else 0)
+    if called:
+      flops = _dot_flops(bodies.get(called, ""))
+    elif name in inside_fusions:
+      flops = 0  # counted with its fusion
+    else:
+      flops = _dot_flops(m.group(0), scope=hlo_text)  # a dot that XLA left unfused
+    ops[name] = Op(part_of(op_name), flops)
   return ops
 
 

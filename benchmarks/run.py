@@ -5,6 +5,7 @@ benchmarks/results/<time>-<host>.json.
   python -m benchmarks.run                       # everything but the CPU recipe
   python -m benchmarks.run --recipe_corpus=input.txt   # also nanoGPT's CPU recipe
   python -m benchmarks.run --only=train --shapes=A,B
+  python -m benchmarks.run --only=train,sample --shapes=T --sample_shape=T   # runs at all?
 
 Timings on shared machines are noisy: compare numbers from one run, and look at min-max.
 """
@@ -33,6 +34,9 @@ _ONLY = flags.DEFINE_list("only", ["train", "sample", "startup", "recipe"],
 _SHAPES = flags.DEFINE_list("shapes", ["A", "B", "Bd", "C"], "Training shapes to measure.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps per shape (after warm-up).")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed generate() calls each.")
+_SAMPLE_SHAPE = flags.DEFINE_enum("sample_shape", "B", list(measure.SHAPES),
+                                  "The model shape that samples.")
+_SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 256, "New tokens per sampling call.")
 _NO_CACHE_BATCHES = flags.DEFINE_list("no_cache_batches", ["1"],
                                       "Batch sizes for the (slow) no-cache sampling mode.")
 _RECIPE_CORPUS = flags.DEFINE_string(
@@ -73,14 +77,14 @@ def main(argv):
     results["sample"] = []
     cases = [(b, True) for b in (1, 16)] + [(int(b), False) for b in _NO_CACHE_BATCHES.value]
     for batch, use_cache in cases:
-      r = measure.sampling_speed(measure.SHAPES["B"], batch, 256, use_cache,
-                                 _SAMPLE_REPEATS.value)
+      r = measure.sampling_speed(measure.SHAPES[_SAMPLE_SHAPE.value], batch,
+                                 _SAMPLE_TOKENS.value, use_cache, _SAMPLE_REPEATS.value)
       results["sample"].append(r)
       s = r["seconds"]
-      _row(f"sample B, batch {batch}, {'KV cache' if use_cache else 'no cache'}: tokens/s",
-           f"{r['tokens_per_second']:,.0f}",
+      _row(f"sample {r['shape']}, batch {batch}, {'KV cache' if use_cache else 'no cache'}: "
+           "tokens/s", f"{r['tokens_per_second']:,.0f}",
            f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] s",
-           f"256 new tokens, top_k 50; first call {r['first_call_seconds']:.1f} s")
+           f"{r['new_tokens']} new tokens, top_k 50; first call {r['first_call_seconds']:.1f} s")
   if "startup" in _ONLY.value:
     with tempfile.TemporaryDirectory() as tmp:
       corpus = measure.synthetic_corpus(Path(tmp) / "corpus.txt")

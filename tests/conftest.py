@@ -1,9 +1,47 @@
-"""Shared fixtures: tiny configs and a tiny trained workdir, all on data the tests write."""
+"""Shared fixtures: tiny configs and a tiny trained workdir, all on data the tests write.
+
+Which file tests which module ("slow": the tests in it marked slow; see below):
+
+  test_model.py        model.py: GPT-2, KV cache; kernels.py: chunked attention, dropout
+  test_optim.py        optim.py: learning-rate schedule, weight-decay mask
+  test_steps.py        steps.py: gradient accumulation, bfloat16 compute
+  test_parallel.py     parallel.py: meshes, partition rules. slow: 8 simulated devices, two
+                       processes joined by jax.distributed
+  test_train.py        train_lib.py: a tiny run that learns, resume. slow: train.py
+  test_preemption.py   preemption.py: stop and resume exactly. slow: signals to training
+                       processes, two hosts, kill -9 during a save
+  test_bad_input.py    errors.py, cli.py: one clear error, the workdir untouched (also
+                       checkpoint.py's refusals and skip_nonfinite). slow: command-line mistakes
+  test_tokenizer.py    tokenizer.py, data/normalize.py
+  test_data.py         data/tokens.py, batches.py, pipeline.py; text and packaged corpora
+  test_corpora.py      data/sources.py at scale (streamed, cloud paths), data/tfds_source.py
+  test_hf_corpus.py    data/hf_source.py. slow: `datasets` is not imported for text corpora
+  test_sampling.py     sampling.py. slow: sample.py
+  test_evaluate.py     scoring.py. slow: python -m gpt2jax.evaluate
+  test_report.py       metrics.py: TensorBoard, summary.json, MFU
+  test_plots.py        plots.py: loss curves, attention heatmaps. slow: the commands
+  test_hf.py           hf_checkpoint.py, hf_tokenizer.py, pretrained.py, export.py. slow: the
+                       commands, an import sharded over 8 simulated devices
+  test_speed.py        runtime.py; benchmarks/. slow: the compilation cache in new processes,
+                       python -m benchmarks.run
+  test_tpu_compile.py  aot.py, all slow (skipped without libtpu)
+  test_notebook.py     notebooks/gpt2_from_scratch.ipynb. slow: running it
+
+checkpoint.py is tested through test_train.py, test_bad_input.py and test_preemption.py.
+kill_during_save.py, multihost_stop.py, multihost_train_stop.py and stop_probe.py are scripts
+that the preemption tests run; fixtures/ holds what transformers itself computed.
+
+`@pytest.mark.slow` marks the tests that start other Python processes (the scripts, `python
+-m ...`, several hosts), simulate several devices or compile for a TPU: `python -m pytest -q
+-m "not slow" tests` is the quick inner loop; `python -m pytest -q tests` runs everything.
+"""
 
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +74,26 @@ def _share_compiled_programs() -> None:
 
 
 _share_compiled_programs()
+
+# How a test starts another process (conftest's helpers or subprocess itself).
+_STARTS_A_PROCESS = re.compile(r"\b(run_script|run_module|subprocess\.run|Popen)\(")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: starts other processes, simulates several devices or compiles for a "
+      "TPU (deselect with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(items):
+  """Refuses a test that starts a process in its own body without the slow mark, so that
+  -m "not slow" stays quick. (Processes started by fixtures are not seen: mark those.)"""
+  unmarked = [item.nodeid for item in items
+              if isinstance(item, pytest.Function) and not item.get_closest_marker("slow")
+              and _STARTS_A_PROCESS.search(inspect.getsource(item.function))]
+  if unmarked:
+    raise pytest.UsageError("these tests start processes: mark them @pytest.mark.slow: "
+                            + ", ".join(unmarked))
 
 from configs import default  # noqa: E402
 

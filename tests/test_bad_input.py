@@ -270,6 +270,7 @@ def script_results(tmp_path_factory, trained_workdir):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SCRIPT_CASES)
 def test_command_line_mistakes_are_one_line(case, script_results):
   code, stderr = script_results[case]

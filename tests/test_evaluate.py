@@ -71,6 +71,7 @@ def test_sliding_windows_score_each_token_once(num_targets, block, stride):
     scoring.sliding_windows(10, block, block + 1)
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_json(trained_workdir, tmp_path):
   text_file = tmp_path / "held_out.txt"
   text_file.write_text("ROMEO 3: שלום עולם, hello world number 3.\n" * 3, encoding="utf-8")
@@ -90,6 +91,7 @@ def loaded_vocab(workdir):
   return json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["vocab_size"]
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_empty_and_non_utf8_files(trained_workdir, tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_bytes(b"")

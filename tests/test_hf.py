@@ -317,6 +317,7 @@ def test_init_from_refuses_a_block_longer_than_the_checkpoints_positions(tmp_pat
 
 # --- the commands --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_commands_take_init_from_and_export(tmp_path, trained_workdir):
   sample = run_script("sample.py", f"--init_from={TINY_GPT2}", "--prompt=In the beginning",
                       "--temperature=0", "--max_new_tokens=8")
@@ -364,6 +365,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.slow
 def test_imported_weights_are_placed_sharded_over_an_fsdp_mesh():
   script = FSDP_IMPORT_SCRIPT.format(tests=str(REPO / "tests"), checkpoint=str(TINY_GPT2))
   env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -194,6 +194,7 @@ def test_tiny_run_on_a_saved_dataset_learns_and_caches_its_tokens(tmp_path):
   assert (tmp_path / "run" / "data" / "train.bin").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_datasets_is_imported_only_for_an_hf_corpus(tiny_text_file):
   """`import datasets` takes seconds: training on text files must not pay for it."""
   code = f"""if True:

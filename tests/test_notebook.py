@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "gpt2_from_scratch.ipynb"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -49,6 +51,7 @@ def execute(*, quick: bool, timeout: int):
   return nb
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom():
   before = hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest()
   nb = execute(quick=True, timeout=300)  # raises CellExecutionError on any error or assert

@@ -1,4 +1,5 @@
-"""The optimizers: train.optimizer = adamw or muon."""
+"""gpt2jax/optim.py: the learning-rate schedule, which parameters are weight-decayed, and
+the optimizers (train.optimizer = adamw or muon)."""
 
 import json
 import subprocess
@@ -16,6 +17,25 @@ from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.tokenizer import CharTokenizer
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+  """Catches a schedule off by one step (a first update with learning rate 0) or one that
+  ends above min_learning_rate."""
+  config = tiny_config(train__num_steps=100, train__warmup_steps=10)
+  schedule = optim.learning_rate_schedule(config.train)
+  assert schedule(0) == pytest.approx(config.train.learning_rate / 10)
+  assert schedule(9) == pytest.approx(config.train.learning_rate)
+  assert schedule(99) == pytest.approx(config.train.min_learning_rate)
+
+
+def test_weight_decay_applies_to_matrices_only():
+  """Catches decay of biases or LayerNorm scales, or none on the (tied) embedding."""
+  params = {"h_0": {"c_fc": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+                    "ln_1": {"scale": np.ones(2)}}, "wte": {"embedding": np.ones((3, 2))}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"h_0": {"c_fc": {"kernel": True, "bias": False}, "ln_1": {"scale": False}},
+                  "wte": {"embedding": True}}
+
 
 # ---------------------------------------------------------------------------------------------
 # Muon (train.optimizer=muon): Muon on the blocks' kernels, AdamW on everything else.
@@ -218,6 +238,7 @@ print(json.dumps(names))
 """
 
 
+@pytest.mark.slow
 def test_muon_under_fsdp_on_8_devices_matches_one_device(tmp_path, tiny_text_file):
   run = dict(train__num_steps=6, train__decay_steps=6, train__warmup_steps=2,
              train__log_every=1, train__eval_every=6, train__checkpoint_every=3,

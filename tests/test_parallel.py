@@ -81,6 +81,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path, tiny_text_file,
                                                                 one_device_run):
   script = EIGHT_DEVICE_SCRIPT.format(tests=str(TESTS), text=str(tiny_text_file),
@@ -121,6 +122,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, tiny_text_file, one_device_run):
   config_file = tmp_path / "tiny_config.py"
   config_file.write_text(textwrap.dedent(f"""
@@ -153,69 +155,6 @@ def test_two_processes_train_together_like_one(tmp_path, tiny_text_file, one_dev
   assert "step" not in outputs[1][0] and "mesh" not in outputs[1][0]  # only process 0 reports
   _assert_same_losses(_losses(workdir), _losses(one_device_run))
   assert "=== step 6 ===" in (workdir / "samples.txt").read_text(encoding="utf-8")
-
-
-def _char_batches(text: str, block: int, batch: int, count: int) -> tuple[int, list]:
-  tokenizer = CharTokenizer.train([text])
-  ids = np.asarray(tokenizer.encode(text), np.int32)
-  rng = np.random.default_rng(0)
-  batches = [np.stack([ids[s:s + block + 1] for s in rng.integers(0, len(ids) - block - 1,
-                                                                   batch)])
-             for _ in range(count)]
-  return tokenizer.vocab_size, batches
-
-
-def _steps(config, vocab: int, grad_accum_steps: int = 1):
-  model = GPT(GPTConfig.from_config(config.model, vocab))
-  optimizer = optim.make_optimizer(config.train)
-  state = steps.init_train_state(model, optimizer, config.seed)
-  step = jax.jit(steps.make_train_step(model, optimizer,
-                                       optim.learning_rate_schedule(config.train),
-                                       config.seed, grad_accum_steps))
-  return state, step
-
-
-def test_gradient_accumulation_equals_one_large_batch():
-  from conftest import TINY_TEXT
-
-  config = tiny_config()
-  vocab, (batch,) = _char_batches(TINY_TEXT, 32, 16, 1)
-  state, step = _steps(config, vocab)
-  accumulated_state, accumulated_step = _steps(config, vocab, grad_accum_steps=4)
-  large, large_metrics = step(state, jnp.asarray(batch))
-  micro, micro_metrics = accumulated_step(accumulated_state, jnp.asarray(batch))
-  assert float(micro_metrics["loss"]) == pytest.approx(float(large_metrics["loss"]), rel=1e-6)
-  assert float(micro_metrics["grad_norm"]) == pytest.approx(float(large_metrics["grad_norm"]),
-                                                            rel=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(large.params), jax.tree_util.tree_leaves(micro.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_bfloat16_trains_close_to_float32():
-  from conftest import TINY_TEXT
-
-  vocab, batches = _char_batches(TINY_TEXT, 32, 8, 30)
-  losses = {}
-  for dtype in ("float32", "bfloat16"):
-    state, step = _steps(tiny_config(model__dtype=dtype), vocab)
-    history = []
-    for batch in batches:
-      state, step_metrics = step(state, jnp.asarray(batch))
-      history.append(float(step_metrics["loss"]))
-    losses[dtype] = np.array(history)
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
-  bf16, fp32 = losses["bfloat16"], losses["float32"]
-  assert bf16[-5:].mean() < bf16[0] - 1.0  # it learns
-  assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < 0.1 * fp32[-5:].mean()
-
-
-def test_bfloat16_really_computes_in_bfloat16():
-  model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                        dtype="bfloat16"))
-  tokens = jnp.zeros((2, 16), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
-  hlo = jax.jit(lambda p: model.apply({"params": p}, tokens)[0]).lower(params).as_text()
-  assert "bf16" in hlo  # float32 parameters and logits are tested in test_model.py
 
 
 def test_mesh_sizes_take_the_remaining_devices_and_reject_bad_shapes():

@@ -70,6 +70,7 @@ def test_a_stopped_run_logs_exactly_what_an_uninterrupted_one_does(
   assert_same_params(resumed.opt_state, straight.opt_state)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_exits_0_and_resumes_exactly(tmp_path, tiny_text_file):
   config_file = tmp_path / "recipe.py"
   config_file.write_text(textwrap.dedent(f"""\
@@ -166,6 +167,7 @@ print("the second signal did not abort")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_aborts_at_once(signum):
   process = subprocess.Popen([sys.executable, "-c", STOP_LOOP.format(repo=str(REPO))],
@@ -187,6 +189,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_all_hosts_stop_at_the_same_step_when_one_is_signalled(signum):
   port = _free_port()
@@ -204,6 +207,7 @@ def test_all_hosts_stop_at_the_same_step_when_one_is_signalled(signum):
   assert steps[0].group(1) == steps[1].group(1)
 
 
+@pytest.mark.slow
 def test_hosts_agree_to_stop_within_the_bound_when_one_is_signalled(tmp_path, tiny_text_file):
   import multihost_train_stop as script
 
@@ -254,6 +258,7 @@ def uninterrupted(tmp_path_factory, tiny_text_file):
   return jax.device_get(state.params), comparable(read_metrics(workdir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, complete_step", [
     ("writing", 10), ("renaming", 10), ("renamed", 20), ("deleting", 20)])
 def test_kill_9_during_a_save_resumes_from_the_last_complete_checkpoint(

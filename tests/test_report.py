@@ -1,21 +1,10 @@
-"""What a run reports: TensorBoard events, summary.json, loss.png (issue #5)."""
+"""gpt2jax/metrics.py: what a run reports — TensorBoard events, summary.json, MFU."""
 
 import json
-import struct
 
 import pytest
 
-from conftest import run_module
-from gpt2jax import metrics, plots
-from gpt2jax.errors import UserError
-
-
-def png_size(path) -> tuple[int, int]:
-  """(width, height) of a PNG file; fails when the file is not a PNG."""
-  data = path.read_bytes()
-  assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-  assert data[12:16] == b"IHDR"
-  return struct.unpack(">II", data[16:24])
+from gpt2jax import metrics
 
 
 def read_tensorboard(logdir):
@@ -99,18 +88,3 @@ def test_summary_adds_up_time_and_tokens_over_resumed_sessions():
   assert summary["tokens_seen"] == 1500 and summary["final_train_loss"] == 2.5
 
 
-def test_loss_plot_is_a_png_of_sane_size(trained_workdir, tmp_path):
-  width, height = png_size(trained_workdir / "plots" / "loss.png")
-  assert 600 <= width <= 2000 and 400 <= height <= 2000
-  # on demand, from the command line
-  (tmp_path / "w").mkdir()
-  for name in ("config.json", "metrics.jsonl"):
-    (tmp_path / "w" / name).write_bytes((trained_workdir / name).read_bytes())
-  result = run_module("gpt2jax.plots", f"--workdir={tmp_path / 'w'}")
-  assert result.returncode == 0, result.stderr
-  assert png_size(tmp_path / "w" / "plots" / "loss.png")[0] >= 600
-
-
-def test_loss_plot_refuses_a_run_without_records(tmp_path):
-  with pytest.raises(UserError, match="no training records"):
-    plots.plot_losses([], tmp_path / "loss.png", title="x", tokens_per_step=1)

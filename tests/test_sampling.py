@@ -103,6 +103,7 @@ def test_bad_sampling_options_are_refused(options, message):
     sampling.SamplingOptions(**options).validate()
 
 
+@pytest.mark.slow
 def test_sample_script_prints_continuations_of_each_prompt(trained_workdir):
   result = run_script("sample.py", f"--workdir={trained_workdir}", "--prompt=ROMEO",
                       "--prompt=JULIET: ויאמר", "--max_new_tokens=20", "--num_samples=2",
@@ -114,6 +115,7 @@ def test_sample_script_prints_continuations_of_each_prompt(trained_workdir):
   assert len(samples[0]) > len("ROMEO")
 
 
+@pytest.mark.slow
 def test_sample_script_errors_are_one_line(trained_workdir, tmp_path):
   empty = run_script("sample.py", f"--workdir={trained_workdir}", "--prompt=")
   assert empty.returncode == 1 and "prompt is empty" in empty.stderr
@@ -126,6 +128,7 @@ def test_sample_script_errors_are_one_line(trained_workdir, tmp_path):
   assert bad_step.returncode == 1 and "available steps: [20, 40]" in bad_step.stderr
 
 
+@pytest.mark.slow
 def test_sample_script_defaults_to_the_latest_run(trained_workdir):
   runs = trained_workdir.parent  # the fixture's workdir lives in <tmp>/runs/tiny
   result = run_script("sample.py", "--max_new_tokens=5", cwd=runs.parent)

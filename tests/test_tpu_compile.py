@@ -11,8 +11,11 @@ import pytest
 
 from conftest import REPO, run_script, tiny_config
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
+pytestmark = [
+    pytest.mark.slow,  # compiles for a TPU slice, in part through train.py
+    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                       reason="libtpu is not installed (pip install -r requirements-tpu.txt)"),
+]
 
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_script, tiny_config
-from gpt2jax import optim, train_lib
+from gpt2jax import train_lib
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
 
@@ -51,22 +51,7 @@ def test_resuming_with_another_model_shape_is_refused(trained_workdir, tiny_text
   assert sorted(p.name for p in trained_workdir.rglob("*")) == before
 
 
-def test_learning_rate_warms_up_then_decays_to_the_minimum():
-  config = tiny_config(train__num_steps=100, train__warmup_steps=10)
-  schedule = optim.learning_rate_schedule(config.train)
-  assert schedule(0) == pytest.approx(config.train.learning_rate / 10)
-  assert schedule(9) == pytest.approx(config.train.learning_rate)
-  assert schedule(99) == pytest.approx(config.train.min_learning_rate)
-
-
-def test_weight_decay_applies_to_matrices_only():
-  params = {"h_0": {"c_fc": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
-                    "ln_1": {"scale": np.ones(2)}}, "wte": {"embedding": np.ones((3, 2))}}
-  mask = optim.weight_decay_mask(params)
-  assert mask == {"h_0": {"c_fc": {"kernel": True, "bias": False}, "ln_1": {"scale": False}},
-                  "wte": {"embedding": True}}
-
-
+@pytest.mark.slow
 def test_train_script_defaults_workdir_to_runs_config_name_and_resumes(tmp_path, tiny_text_file):
   args = ["--config=" + str(REPO / "configs" / "shakespeare_char.py"),
           f"--config.data.path={tiny_text_file}", "--config.model.n_layer=1",

@@ -1,15 +1,25 @@
-"""Attention heatmaps: weights from the model itself, Hebrew labels in visual order (issue #5)."""
+"""gpt2jax/plots.py: loss curves, and attention heatmaps with weights from the model itself
+and Hebrew labels in visual order (issue #5)."""
+
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_module, run_script
 from gpt2jax import plots, runs
 from gpt2jax.errors import UserError
 from gpt2jax.model import GPT, GPTConfig
-from test_report import png_size
+
+
+def png_size(path) -> tuple[int, int]:
+  """(width, height) of a PNG file; fails when the file is not a PNG."""
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+  assert data[12:16] == b"IHDR"
+  return struct.unpack(">II", data[16:24])
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -92,6 +102,7 @@ def test_attention_plot_of_one_head(trained_workdir, tmp_path):
     plots.draw_prompt_attention(loaded, "JULIET", tmp_path / "x.png", layer=2, head="all")
 
 
+@pytest.mark.slow
 def test_sample_script_draws_every_head_of_a_layer(trained_workdir, tmp_path):
   result = run_script("sample.py", f"--workdir={trained_workdir}", "--prompt=ויאמר אלהים",
                       f"--attention_plot={tmp_path / 'attn.png'}", "--layer=0", "--head=all")
@@ -102,3 +113,23 @@ def test_sample_script_draws_every_head_of_a_layer(trained_workdir, tmp_path):
   bad = run_script("sample.py", f"--workdir={trained_workdir}", "--prompt=JULIET",
                    f"--attention_plot={tmp_path / 'bad.png'}", "--layer=7")
   assert bad.returncode == 1 and "layers 0..1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_training_draws_a_loss_plot_of_sane_size(trained_workdir):
+  width, height = png_size(trained_workdir / "plots" / "loss.png")
+  assert 600 <= width <= 2000 and 400 <= height <= 2000
+
+
+@pytest.mark.slow
+def test_the_plots_command_draws_the_loss_plot_of_a_workdir(trained_workdir, tmp_path):
+  (tmp_path / "w").mkdir()
+  for name in ("config.json", "metrics.jsonl"):
+    (tmp_path / "w" / name).write_bytes((trained_workdir / name).read_bytes())
+  result = run_module("gpt2jax.plots", f"--workdir={tmp_path / 'w'}")
+  assert result.returncode == 0, result.stderr
+  assert png_size(tmp_path / "w" / "plots" / "loss.png")[0] >= 600
+
+
+def test_loss_plot_refuses_a_run_without_records(tmp_path):
+  with pytest.raises(UserError, match="no training records"):
+    plots.plot_losses([], tmp_path / "loss.png", title="x", tokens_per_step=1)

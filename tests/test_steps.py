@@ -1,0 +1,113 @@
+"""gpt2jax/steps.py: the pure train step — gradient accumulation and the compute dtype.
+
+(The step on a mesh of several devices is tested in test_parallel.py, skip_nonfinite in
+test_bad_input.py.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jax_core
+
+from conftest import TINY_TEXT, tiny_config
+from gpt2jax import optim, steps
+from gpt2jax.model import GPT, GPTConfig
+from gpt2jax.tokenizer import CharTokenizer
+
+
+def _char_batches(text: str, block: int, batch: int, count: int) -> tuple[int, list]:
+  tokenizer = CharTokenizer.train([text])
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  rng = np.random.default_rng(0)
+  batches = [np.stack([ids[s:s + block + 1] for s in rng.integers(0, len(ids) - block - 1,
+                                                                   batch)])
+             for _ in range(count)]
+  return tokenizer.vocab_size, batches
+
+
+def _model_and_optimizer(config, vocab: int):
+  return GPT(GPTConfig.from_config(config.model, vocab)), optim.make_optimizer(config.train)
+
+
+def _steps(config, vocab: int, grad_accum_steps: int = 1):
+  model, optimizer = _model_and_optimizer(config, vocab)
+  state = steps.init_train_state(model, optimizer, config.seed)
+  step = jax.jit(steps.make_train_step(model, optimizer,
+                                       optim.learning_rate_schedule(config.train),
+                                       config.seed, grad_accum_steps))
+  return state, step
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  """Catches micro-batches that are averaged wrongly (e.g. summed, or the last one only),
+  that overlap or skip rows, or a loss reported for one micro-batch."""
+  config = tiny_config()
+  vocab, (batch,) = _char_batches(TINY_TEXT, 32, 16, 1)
+  state, step = _steps(config, vocab)
+  accumulated_state, accumulated_step = _steps(config, vocab, grad_accum_steps=4)
+  large, large_metrics = step(state, jnp.asarray(batch))
+  micro, micro_metrics = accumulated_step(accumulated_state, jnp.asarray(batch))
+  assert float(micro_metrics["loss"]) == pytest.approx(float(large_metrics["loss"]), rel=1e-6)
+  assert float(micro_metrics["grad_norm"]) == pytest.approx(float(large_metrics["grad_norm"]),
+                                                            rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(large.params), jax.tree_util.tree_leaves(micro.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_trains_close_to_float32():
+  """Catches bfloat16 training that does not learn (e.g. the loss or softmax in bfloat16),
+  or parameters that end up stored in bfloat16."""
+  vocab, batches = _char_batches(TINY_TEXT, 32, 8, 30)
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    state, step = _steps(tiny_config(model__dtype=dtype), vocab)
+    history = []
+    for batch in batches:
+      state, step_metrics = step(state, jnp.asarray(batch))
+      history.append(float(step_metrics["loss"]))
+    losses[dtype] = np.array(history)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+  bf16, fp32 = losses["bfloat16"], losses["float32"]
+  assert bf16[-5:].mean() < bf16[0] - 1.0  # it learns
+  assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < 0.1 * fp32[-5:].mean()
+
+
+def matmul_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+  """(lhs, rhs) dtypes of every dot_general in a jaxpr, nested ones included (jit, scan,
+  the branches of platform-dependent code, custom gradients)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(operand.aval.dtype) for operand in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          found += matmul_operand_dtypes(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          found += matmul_operand_dtypes(sub)
+  return found
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bfloat16_really_computes_in_bfloat16(scan_layers):
+  """Catches any matmul of the train step, forward or backward, that silently stays in
+  float32 under model.dtype=bfloat16 (a layer that forgets to cast its input or kernel, a
+  gradient computed from float32 residuals).
+
+  jax.nn.dot_product_attention's own backward (the GPU/TPU branch) multiplies float32
+  probabilities by bfloat16 values, so the rule is: no matmul with two float32 operands.
+  """
+  operands = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config(model__dtype=dtype, model__scan_layers=scan_layers)
+    model, optimizer = _model_and_optimizer(config, vocab=50)
+    step = steps.make_train_step(model, optimizer, optim.learning_rate_schedule(config.train),
+                                 config.seed)
+    batch = jax.ShapeDtypeStruct((8, config.model.block_size + 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(step)(steps.abstract_train_state(model, optimizer), batch)
+    operands[dtype] = matmul_operand_dtypes(jaxpr.jaxpr)
+  assert operands["float32"] and set(operands["float32"]) == {("float32", "float32")}
+  assert len(operands["bfloat16"]) == len(operands["float32"])  # the same program
+  assert ("float32", "float32") not in operands["bfloat16"]
+  assert operands["bfloat16"].count(("bfloat16", "bfloat16")) > len(operands["bfloat16"]) // 2
