@@ -3,7 +3,7 @@
 - `Dense`: nn.Dense's parameters (kernel [d_in, features], bias), with a weight gradient laid
   out for XLA CPU's fast matmul.
 - `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
-  on [batch, time, heads * head_dim], without materialising that transpose.
+  on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
 - `Dropout`: inverted dropout that draws 8 random bits per element instead of 32.
 - `attention`: softmax attention; it chooses its path (per platform, per dropout, with or
   without a cache) in one place, documented there.
@@ -58,7 +58,8 @@ class HeadsDense(nn.Module):
 
   The parameters are those of a Dense on the heads concatenated (kernel [heads * head_dim,
   features], rows head-major, and bias), so checkpoints see an ordinary projection; one
-  contraction over (heads, head_dim) replaces the transpose back to [batch, time, ...].
+  contraction over (heads, head_dim) replaces the transpose back to [batch, time, ...] and
+  leaves the layout to XLA.
   """
 
   features: int
