@@ -1,22 +1,89 @@
-"""Matmul and causal attention with gradients laid out for XLA CPU, plain ops elsewhere.
+"""The platform layer: how gpt2jax.model's GPT-2 runs fast on each platform. Its interface:
 
-XLA CPU runs a matmul fast (YNNPACK, multi-threaded) only when its left operand is row-major
-with the contraction on the minor axis; gradients that contract over tokens otherwise get a
-slow generic transpose copy or a slow fallback matmul. The functions here are chosen per
-platform when lowering (`jax.lax.platform_dependent`): GPUs and TPUs get plain dots and
-`jax.nn.dot_product_attention`.
+- `Dense`: nn.Dense's parameters (kernel [d_in, features], bias), with a weight gradient laid
+  out for XLA CPU's fast matmul.
+- `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
+  on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
+- `Dropout`: inverted dropout that draws 8 random bits per element instead of 32.
+- `attention`: softmax attention; it chooses its path (per platform, per dropout, with or
+  without a cache) in one place, documented there.
+- `cache_update`: writes new keys and values into a layer's KV cache only after the attention
+  that read it.
+
+Why a CPU needs its own layout: XLA CPU runs a matmul fast (YNNPACK, multi-threaded) only when
+its left operand is row-major with the contraction on the minor axis; gradients that contract
+over tokens otherwise get a slow generic transpose copy or a slow fallback matmul. The choice
+is made when lowering (`jax.lax.platform_dependent`): GPUs and TPUs, also compiled ahead of
+time on a CPU host, get plain dots and `jax.nn.dot_product_attention`. README, "Performance",
+has what each of these measured.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 _BARRIER = jax.lax.optimization_barrier
 _MIN_CHUNK = 32  # queries per attention chunk, at least
+
+
+# ---- Dense layers ----------------------------------------------------------------------------
+
+class Dense(nn.Module):
+  """nn.Dense's parameters and result, with the CPU gradient layout of `linear`."""
+
+  features: int
+  use_bias: bool
+  dtype: Any  # compute dtype; the parameters are float32
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class HeadsDense(nn.Module):
+  """Dense(features) over the heads taken together: [batch, heads, time, head_dim] ->
+  [batch, time, features].
+
+  The parameters are those of a Dense on the heads concatenated (kernel [heads * head_dim,
+  features], rows head-major, and bias), so checkpoints see an ordinary projection; one
+  contraction over (heads, head_dim) replaces the transpose back to [batch, time, ...] and
+  leaves the layout to XLA.
+  """
+
+  features: int
+  use_bias: bool
+  dtype: Any
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, y):
+    _, heads, _, head_dim = y.shape
+    kernel = self.param("kernel", self.kernel_init, (heads * head_dim, self.features),
+                        jnp.float32)
+    out = jnp.einsum("bhtk,hkd->btd", y.astype(self.dtype),
+                     kernel.astype(self.dtype).reshape(heads, head_dim, self.features))
+    if self.use_bias:
+      out = out + self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                             jnp.float32).astype(self.dtype)
+    return out
+
+
+def linear(x, kernel):
+  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out]. On CPU its
+  gradient is `_linear_bwd`'s; elsewhere a plain dot."""
+  return jax.lax.platform_dependent(x, kernel, cpu=_linear, default=jnp.dot)
 
 
 @jax.custom_vjp
@@ -29,10 +96,9 @@ def _linear_fwd(x, kernel):
 
 
 def _linear_bwd(residuals, grad):
-  """Gradients laid out for XLA CPU's fast matmul (YNNPACK), which needs a row-major
-  left operand: the kernel gradient contracts over tokens, so one operand must be
-  transposed, and we transpose whichever of (input, output gradient) is smaller instead of
-  letting XLA transpose a large activation with its slow generic copy."""
+  """The kernel gradient contracts over tokens, so one operand must be transposed: transpose
+  whichever of (input, output gradient) is smaller, rather than letting XLA transpose a large
+  activation with its slow generic copy."""
   x, kernel = residuals
   d_in, d_out = kernel.shape
   x2 = x.reshape(-1, d_in)  # [tokens, d_in]
@@ -49,13 +115,113 @@ def _linear_bwd(residuals, grad):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def linear(x, kernel):
-  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out].
+# ---- Dropout ---------------------------------------------------------------------------------
 
-  The CPU gradient layout is chosen when lowering for a CPU (also when compiling for a TPU
-  ahead of time on a CPU host, the TPU gets the plain dot).
+class Dropout(nn.Module):
+  """Inverted dropout whose mask costs a quarter of flax's nn.Dropout to draw: one 32-bit
+  threefry word decides four elements, a byte each.
+
+  The keep probability is rounded to a multiple of 1/256 (0.8 -> 205/256; rates below 1/512
+  drop nothing) and kept values are scaled by that rounded probability, so the expected
+  output is still exactly the input.
   """
-  return jax.lax.platform_dependent(x, kernel, cpu=_linear, default=jnp.dot)
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    threshold = round((1.0 - self.rate) * 256)  # a byte below it keeps its element
+    if deterministic or threshold >= 256:
+      return x
+    *lead, last = x.shape
+    if last % 4:
+      return nn.Dropout(self.rate)(x, deterministic=False)
+    # Bits shaped like x (last axis / 4) keep x's sharding; each word splits into 4 bytes.
+    words = jax.random.bits(self.make_rng("dropout"), (*lead, last // 4), jnp.uint32)
+    keep = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape) < threshold
+    return jnp.where(keep, x / jnp.asarray(threshold / 256, x.dtype), jnp.zeros_like(x))
+
+
+# ---- Attention -------------------------------------------------------------------------------
+
+def attention(q, k, v, *, past=None, mask=None, dropout_rate: float = 0.0,
+              deterministic: bool = True, return_weights: bool = False):
+  """Softmax attention of the new tokens' queries: (output [batch, heads, time, head_dim],
+  the float32 weights [batch, heads, time, keys] if return_weights else None).
+
+  q, k, v: [batch, heads, time, head_dim], the new tokens'. Without `past`, each query sees
+  the keys up to its own position. With a KV cache, `past` = (keys, values, visible): the
+  cache's slots [batch, heads, max_len, head_dim] and which of them each query may see
+  (bool, broadcastable to [batch, 1, time, max_len]); `mask` then says which of the new keys
+  each query sees ([batch, 1, time, time]). Decoding does not drop attention weights.
+
+  The path, chosen here and nowhere else:
+  - with a cache: `softmax_weights` over two segments, the cache's slots and the new keys,
+    so the cache is read as it is and never copied (see `cache_update` for the write);
+  - with dropout on the weights (training, dropout_rate > 0) or when the weights are
+    returned (attention maps): `softmax_weights` over the causal mask, the one place the
+    weights exist whole; the dropout is a `Dropout` submodule of the calling flax module, so
+    call this from inside a module's compact method;
+  - otherwise `causal_attention`: on CPU the chunked kernel with its own gradient, on GPU and
+    TPU `jax.nn.dot_product_attention`.
+  """
+  if past is not None:
+    past_k, past_v, past_visible = past
+    weights = softmax_weights(q, (past_k, k), (past_visible, mask), _scale(q))
+    return weighted_values(weights, (past_v, v)), weights if return_weights else None
+  drop_weights = dropout_rate > 0.0 and not deterministic
+  if not (drop_weights or return_weights):
+    return causal_attention(q, k, v), None
+  time = q.shape[2]
+  weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),),
+                            _scale(q))
+  kept = Dropout(dropout_rate)(weights, deterministic=not drop_weights)
+  return weighted_values(kept, (v,)), weights if return_weights else None
+
+
+def softmax_weights(q, key_segments, visible, scale: float | None):
+  """softmax(q kᵀ · scale) over the keys of all segments, concatenated, in float32; keys a
+  query may not see get weight 0. Every path but the fused one of GPUs and TPUs uses it.
+
+  q: [batch, heads, q_time, head_dim]; each segment's keys [batch, heads, k_time, head_dim]
+  with its `visible` mask (bool, broadcastable to [batch, heads, q_time, k_time]).
+  scale None: q arrives already scaled (the chunked kernel scales it once, outside its
+  custom gradient).
+  """
+  scores = []
+  for k, seen in zip(key_segments, visible):
+    score = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if scale is not None:
+      score = score * scale
+    scores.append(jnp.where(seen, score, jnp.finfo(jnp.float32).min))
+  return jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+
+
+def weighted_values(weights, value_segments):
+  """weights @ values, the segments' values concatenated: [batch, heads, q_time, head_dim]."""
+  out, first = None, 0
+  for v in value_segments:
+    w = weights[..., first:first + v.shape[2]]
+    term = jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v)
+    out = term if out is None else out + term
+    first += v.shape[2]
+  return out
+
+
+def causal_attention(q, k, v, chunks: int | None = None):
+  """Causal softmax attention without a cache, dropout or weights to return.
+
+  On CPU the queries are split into chunks; chunk i attends only to keys up to its own end,
+  so the fully masked blocks above the diagonal are never computed (neither forward nor
+  backward), and the layout [batch, heads, time, head_dim] keeps every matmul a plain batched
+  one. `chunks` defaults to `attention_chunks(time)` (tests pin each count). GPUs and TPUs
+  use jax.nn.dot_product_attention (chosen when lowering, see `linear`).
+  """
+  chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
+  q = q * jnp.asarray(_scale(q), q.dtype)
+  return jax.lax.platform_dependent(
+      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, chunks),
+      default=_fused_attention)
 
 
 def attention_chunks(time: int) -> int:
@@ -67,23 +233,27 @@ def attention_chunks(time: int) -> int:
   return 1
 
 
-def _chunk_weights(q_chunk, k, first_query: int):
-  """Softmax weights (float32) of one query chunk over keys [0, first_query + chunk)."""
-  size, end = q_chunk.shape[2], first_query + q_chunk.shape[2]
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, k[:, :, :end],
-                      preferred_element_type=jnp.float32)  # [batch, heads, size, end]
-  visible = jnp.arange(end)[None, :] <= (first_query + jnp.arange(size))[:, None]
-  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1)
+def _scale(q) -> float:
+  return 1.0 / math.sqrt(q.shape[-1])
+
+
+def _fused_attention(q, k, v):
+  """GPUs and TPUs: jax's fused attention (cuDNN where available), q already scaled."""
+  swap = lambda x: x.swapaxes(1, 2)  # jax's layout is [batch, time, heads, head_dim]
+  return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), scale=1.0,
+                                           is_causal=True))
 
 
 def _chunked_forward(q, k, v, chunks: int):
+  """Per query chunk i: its softmax weights over keys [0, end of chunk i), and the output."""
   size = q.shape[2] // chunks
   weights, outputs = [], []
   for i in range(chunks):
-    w = _chunk_weights(q[:, :, i * size:(i + 1) * size], k, i * size)
+    first, end = i * size, (i + 1) * size
+    visible = jnp.arange(end)[None, :] <= jnp.arange(first, end)[:, None]  # [size, end]
+    w = softmax_weights(q[:, :, first:end], (k[:, :, :end],), (visible,), None)
     weights.append(w)
-    outputs.append(jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v[:, :, :(i + 1) * size]))
+    outputs.append(weighted_values(w, (v[:, :, :end],)))
   out = outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
   return out, weights
 
@@ -133,24 +303,20 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
-def causal_attention(q, k, v, chunks: int | None = None):
-  """Causal softmax attention without a cache. q, k, v: [batch, heads, time, head_dim].
+# ---- KV cache --------------------------------------------------------------------------------
 
-  On CPU the queries are split into chunks; chunk i attends only to keys up to its own end,
-  so the fully masked blocks above the diagonal are never computed (neither forward nor
-  backward). Layout [batch, heads, time, head_dim] keeps every matmul a plain batched one.
-  Other platforms use jax.nn.dot_product_attention (chosen when lowering, see `linear`).
+def cache_update(layer_cache, k, v, index, *, after):
+  """A layer's (keys, values) cache, each [batch, heads, max_len, head_dim], with k and v
+  written from slot `index` on, once `after` (the attention output that read the cache) is
+  computed.
+
+  Decoding reads each layer's cache and then updates it in place. Without a data dependency
+  XLA cannot order the read before the write, and on CPU it then copies every layer's whole
+  cache for each decoded token. min(i, i + isnan(x)) is always i, but XLA does not simplify
+  it away, so the write waits for `after`.
   """
-  time, head_dim = q.shape[2], q.shape[3]
-  chunks = attention_chunks(time) if chunks is None else chunks  # tests pin each count
-  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-  return jax.lax.platform_dependent(
-      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, chunks),
-      default=_fused_attention)
-
-
-def _fused_attention(q, k, v):
-  """GPUs and TPUs: jax's fused attention (cuDNN where available), q already scaled."""
-  swap = lambda x: x.swapaxes(1, 2)  # jax's layout is [batch, time, heads, head_dim]
-  return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), scale=1.0,
-                                           is_causal=True))
+  not_a_number = jnp.isnan(after.reshape(-1)[0]).astype(index.dtype)
+  index = jnp.minimum(index, index + not_a_number)
+  write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype),
+                                                          (0, 0, index, 0))
+  return write(layer_cache[0], k), write(layer_cache[1], v)

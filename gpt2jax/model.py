@@ -1,8 +1,10 @@
-"""GPT-2 in flax.linen.
+"""GPT-2 in flax.linen: token and position embeddings, pre-LayerNorm blocks of causal
+self-attention and an MLP, a final LayerNorm, a language-model head tied to the token embedding.
 
-One forward pass serves training (full causal attention over the block), prompt prefill and
-one-token decoding: decoding passes an explicit `KVCache` pytree and gets the updated cache
-back, so generating N tokens costs N single-token forwards instead of N full ones.
+One forward pass serves training, prompt prefill and one-token decoding: decoding passes an
+explicit `KVCache` pytree and gets the updated cache back, so N new tokens cost N one-token
+forwards. This module says what GPT-2 computes; how each part runs fast on each platform
+(matmul layouts, dropout bits, the attention path, the cache's write order) is gpt2jax.kernels'.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt2jax import kernels
 from gpt2jax.errors import UserError
-from gpt2jax.kernels import causal_attention, linear
 from gpt2jax.parallel import constrain_to_batch_axes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -68,164 +70,21 @@ class GPTConfig:
     return cls(vocab_size=vocab_size, **{k: v for k, v in model_config.items() if k in fields})
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer for the slots decoded so far.
-
-  All rows advance together: slot `index` is written next. Prompts of different lengths are
-  left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
-  """
-
-  # Per layer [batch, heads, max_len, head_dim]: a tuple of one array per layer, or one array
-  # stacked on a leading layer axis when the layers are scanned (config.scan_layers).
-  # Separate arrays let a decoding step update and read each layer in place.
-  k: Any
-  v: Any
-  index: jax.Array  # [] int32
-  start: jax.Array  # [batch] int32
-
-  @classmethod
-  def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
-    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
-    if start is None:
-      start = jnp.zeros((batch_size,), jnp.int32)
-
-    def zeros():
-      if config.scan_layers:
-        return jnp.zeros((config.n_layer, *shape), config.compute_dtype)
-      return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layer))
-
-    return cls(
-        k=zeros(),
-        v=zeros(),
-        index=jnp.zeros((), jnp.int32),
-        start=jnp.asarray(start, jnp.int32),
-    )
-
-
-def _dense_init(std: float):
+def _init(std: float):
   return nn.initializers.normal(stddev=std)
 
 
-class Linear(nn.Module):
-  """nn.Dense's parameters (kernel [d_in, features], bias) with a CPU-friendly gradient."""
-
-  features: int
-  use_bias: bool
-  dtype: Any
-  kernel_init: Any
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
-
-
-def attention_weights(q, key_segments, masks):
-  """Softmax attention weights (float32) over the keys of all segments, concatenated.
-
-  q: [batch, heads, q_time, head_dim]; each segment's keys [batch, heads, k_time, head_dim]
-  with its mask [batch, 1, q_time, k_time] (bool, broadcastable). Returns
-  [batch, heads, q_time, total k_time].
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  scores = [jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                                       preferred_element_type=jnp.float32) * scale,
-                      jnp.finfo(jnp.float32).min)
-            for k, mask in zip(key_segments, masks)]
-  return jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-
-
-def weighted_values(weights, value_segments):
-  """sum over segments of weights[..., segment's keys] @ values: [batch, heads, q_time, d]."""
-  out, first = 0, 0
-  for v in value_segments:
-    w = weights[..., first:first + v.shape[2]]
-    out = out + jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v)
-    first += v.shape[2]
-  return out
-
-
-def split_heads(qkv, n_head: int):
-  """[batch, time, 3 * n_embd] -> q, k, v, each [batch, heads, time, head_dim]."""
-  batch, time, width = qkv.shape
-  qkv = qkv.reshape(batch, time, 3, n_head, width // (3 * n_head))
-  return qkv.transpose(2, 0, 3, 1, 4)
-
-
-class HeadsMerge(nn.Module):
-  """The output projection from [batch, heads, time, head_dim] to [batch, time, n_embd].
-
-  Parameters as a Dense(n_embd): kernel [n_embd, n_embd] (rows ordered head-major), bias.
-  """
-
-  config: GPTConfig
-
-  @nn.compact
-  def __call__(self, y):
-    cfg = self.config
-    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
-    kernel = self.param("kernel", _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), (d, d),
-                        jnp.float32)
-    out = jnp.einsum("bhtk,hkd->btd", y.astype(cfg.compute_dtype),
-                     kernel.astype(cfg.compute_dtype).reshape(h, hd, d))
-    if cfg.bias:
-      out = out + self.param("bias", nn.initializers.zeros_init(), (d,),
-                             jnp.float32).astype(cfg.compute_dtype)
-    return out
-
-
-def _index_after(cache_index, value):
-  """cache_index, computed from `value` so that XLA must finish `value` first.
-
-  Decoding reads each layer's cache and then updates it in place. Without a data dependency
-  XLA cannot order the read before the write, and on CPU it then copies every layer's whole
-  cache for each decoded token (over a quarter of its time at batch 1). min(i, i + isnan(x))
-  is always i, but XLA does not simplify it away.
-  """
-  not_a_number = jnp.isnan(value.reshape(-1)[0]).astype(cache_index.dtype)
-  return jnp.minimum(cache_index, cache_index + not_a_number)
-
-
-def _write_cache(layer_cache, k, v, cache_index):
-  """This layer's (k, v) cache, each [batch, heads, max_len, head_dim], with the new keys and
-  values written from slot cache_index on."""
-  write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype),
-                                                          (0, 0, cache_index, 0))
-  return write(layer_cache[0], k), write(layer_cache[1], v)
-
-
-class Dropout(nn.Module):
-  """Inverted dropout that draws 8 random bits per element instead of 32.
-
-  One 32-bit threefry draw serves four elements, so the mask costs a quarter of flax's
-  nn.Dropout to generate: on a CPU, dropout 0.2 made a step of the shakespeare_char model 46%
-  slower with nn.Dropout and 11% slower with this. The keep probability is rounded to a
-  multiple of 1/256 (0.8 -> 205/256; rates below 1/512 drop nothing) and the kept values are
-  scaled by that rounded probability, so the expected output is still exactly the input.
-  """
-
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    threshold = round((1.0 - self.rate) * 256)  # a byte below it keeps its element
-    if deterministic or threshold >= 256:
-      return x
-    *lead, last = x.shape
-    if last % 4:
-      return nn.Dropout(self.rate)(x, deterministic=False)
-    # Bits shaped like x (last axis / 4) keep x's sharding; each word splits into 4 bytes.
-    words = jax.random.bits(self.make_rng("dropout"), (*lead, last // 4), jnp.uint32)
-    keep = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape) < threshold
-    return jnp.where(keep, x / jnp.asarray(threshold / 256, x.dtype), jnp.zeros_like(x))
+def _residual_init(cfg: GPTConfig):  # GPT-2's: 1/sqrt(number of residual additions)
+  return _init(0.02 / math.sqrt(2 * cfg.n_layer))
 
 
 class CausalSelfAttention(nn.Module):
+  """Multi-head attention in which each token sees itself and the tokens before it.
+
+  With a KV cache (`layer_cache` = this layer's (keys, values)), the new tokens also see the
+  cache's earlier slots, and their keys and values are then written into it.
+  """
+
   config: GPTConfig
   deterministic: bool = True
 
@@ -233,28 +92,25 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, x, layer_cache, mask, cache_index):
     cfg = self.config
     batch, time, _ = x.shape
-    qkv = Linear(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02),
-                 name="c_attn")(x)
-    q, k, v = split_heads(qkv, cfg.n_head)  # each [batch, heads, time, head_dim]
-
-    attn_dropout = cfg.dropout > 0.0 and not self.deterministic
-    new_cache = None
-    if layer_cache is not None:
-      # Attends to the cache's earlier slots and to the new keys as two segments, and only
-      # then writes the new keys into the cache (see _index_after).
-      earlier_mask, new_mask = mask
-      weights = attention_weights(q, (layer_cache[0], k), (earlier_mask, new_mask))
-      y = weighted_values(weights, (layer_cache[1], v))
-      new_cache = _write_cache(layer_cache, k, v, _index_after(cache_index, y))
-    elif attn_dropout or self.is_mutable_collection("intermediates"):
-      weights = attention_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),))
-      self.sow("intermediates", "attention_weights", weights)  # attention maps (plots.py)
-      weights = Dropout(cfg.dropout)(weights, deterministic=not attn_dropout)
-      y = weighted_values(weights, (v,))
+    qkv = kernels.Dense(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _init(0.02),
+                        name="c_attn")(x)
+    qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [batch, heads, time, head_dim]
+    if layer_cache is None:
+      record = self.is_mutable_collection("intermediates")  # attention maps (plots.py)
+      y, weights = kernels.attention(q, k, v, dropout_rate=cfg.dropout,
+                                     deterministic=self.deterministic, return_weights=record)
+      if record:
+        self.sow("intermediates", "attention_weights", weights)
+      new_cache = None
     else:
-      y = causal_attention(q, k, v)
-    y = HeadsMerge(cfg, name="c_proj")(y)
-    y = Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+      earlier_mask, new_mask = mask
+      y, _ = kernels.attention(q, k, v, past=(*layer_cache, earlier_mask), mask=new_mask)
+      new_cache = kernels.cache_update(layer_cache, k, v, cache_index, after=y)
+    # The heads concatenated, projected back to [batch, time, n_embd].
+    y = kernels.HeadsDense(cfg.n_embd, cfg.bias, cfg.compute_dtype, _residual_init(cfg),
+                           name="c_proj")(y)
+    y = kernels.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
     return y, new_cache
 
 
@@ -265,11 +121,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    x = Linear(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _dense_init(0.02), name="c_fc")(x)
+    x = kernels.Dense(4 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _init(0.02),
+                      name="c_fc")(x)
     x = nn.gelu(x, approximate=True)
-    x = Linear(cfg.n_embd, cfg.bias, cfg.compute_dtype,
-               _dense_init(0.02 / math.sqrt(2 * cfg.n_layer)), name="c_proj")(x)
-    return Dropout(cfg.dropout)(x, deterministic=self.deterministic)
+    x = kernels.Dense(cfg.n_embd, cfg.bias, cfg.compute_dtype, _residual_init(cfg),
+                      name="c_proj")(x)
+    return kernels.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
 
 
 def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
@@ -312,11 +169,11 @@ class GPT(nn.Module):
       cache_index = cache.index
 
     wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
-                   embedding_init=_dense_init(0.02), name="wte")
+                   embedding_init=_init(0.02), name="wte")
     wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype,
-                   embedding_init=_dense_init(0.02), name="wpe")
+                   embedding_init=_init(0.02), name="wpe")
     x = wte(tokens) + wpe(positions)
-    x = Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = kernels.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
     layers_cache = None if cache is None else (cache.k, cache.v)
     x, new_layers_cache = self._blocks(x, layers_cache, mask, cache_index, deterministic)
@@ -326,7 +183,7 @@ class GPT(nn.Module):
       logits = wte.attend(x)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                        kernel_init=_dense_init(0.02), name="lm_head")(x)
+                        kernel_init=_init(0.02), name="lm_head")(x)
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits, None
@@ -347,18 +204,46 @@ class GPT(nn.Module):
           length=cfg.n_layer,
       )(cfg, deterministic, name="h")
       return stack(x, layers_cache, mask, cache_index)
-    new_k, new_v = [], []
+    new_caches = []  # per layer (k, v)
     for i in range(cfg.n_layer):
       layer_cache = None if layers_cache is None else (layers_cache[0][i], layers_cache[1][i])
       x, new_layer_cache = block_cls(cfg, deterministic, name=f"h_{i}")(
-          x, layer_cache, mask, cache_index
-      )
-      if new_layer_cache is not None:
-        new_k.append(new_layer_cache[0])
-        new_v.append(new_layer_cache[1])
+          x, layer_cache, mask, cache_index)
+      new_caches.append(new_layer_cache)
     if layers_cache is None:
       return x, None
-    return x, (tuple(new_k), tuple(new_v))
+    return x, tuple(zip(*new_caches))  # (k of every layer, v of every layer)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for the slots decoded so far.
+
+  All rows advance together: slot `index` is written next. Prompts of different lengths are
+  left-padded; `start[b]` is the first real slot of row b, and slots before it are masked out.
+  """
+
+  # Per layer [batch, heads, max_len, head_dim]: a tuple of one array per layer, or one array
+  # stacked on a leading layer axis when the layers are scanned (config.scan_layers).
+  # Separate arrays let a decoding step update and read each layer in place.
+  k: Any
+  v: Any
+  index: jax.Array  # [] int32
+  start: jax.Array  # [batch] int32
+
+  @classmethod
+  def create(cls, config: GPTConfig, batch_size: int, start=None) -> "KVCache":
+    shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+    if start is None:
+      start = jnp.zeros((batch_size,), jnp.int32)
+
+    def zeros():
+      if config.scan_layers:
+        return jnp.zeros((config.n_layer, *shape), config.compute_dtype)
+      return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layer))
+
+    return cls(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32),
+               start=jnp.asarray(start, jnp.int32))
 
 
 def _cached_positions_and_masks(cache: KVCache, time: int):

@@ -9,7 +9,7 @@ cache directory already given to JAX (JAX_COMPILATION_CACHE_DIR) is left alone.
 
 Allocator: the compiled training step needs a large temporary buffer (hundreds of MB) at every
 call. glibc serves blocks that large with mmap and returns them with munmap, so each step pays
-tens of thousands of page faults (measured: 17-20% of a CPU step). Keeping freed memory in the
+tens of thousands of page faults (README, "Performance", has the cost). Keeping freed memory in the
 heap instead (no mmap for large blocks, no trimming, one arena) removes that cost.
 These are the mallopt equivalents of
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...

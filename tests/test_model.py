@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpt2jax.errors import UserError
-from gpt2jax.model import GPT, Dropout, GPTConfig, KVCache, count_params
+from gpt2jax.model import GPT, GPTConfig, KVCache, count_params
 
 CONFIG = GPTConfig(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32)
 
@@ -105,35 +105,3 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_shape_errors_name_the_fix():
   with pytest.raises(UserError, match="n_embd=30 is not divisible by model.n_head=4"):
     GPTConfig(vocab_size=10, n_embd=30, n_head=4)
-
-
-@pytest.mark.parametrize("chunks", [1, 2, 4])
-def test_chunked_causal_attention_matches_reference_values_and_gradients(chunks):
-  from gpt2jax.model import causal_attention
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, cotangent = (jax.random.normal(key, (2, 3, 32, 8)) for key in keys)
-
-  def reference(q, k, v):  # [batch, time, heads, head_dim] is jax's layout
-    out = jax.nn.dot_product_attention(*(x.swapaxes(1, 2) for x in (q, k, v)), is_causal=True)
-    return out.swapaxes(1, 2)
-
-  np.testing.assert_allclose(causal_attention(q, k, v, chunks), reference(q, k, v), atol=1e-5)
-  grads = jax.grad(lambda *a: jnp.sum(causal_attention(*a, chunks) * cotangent), (0, 1, 2))
-  reference_grads = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), (0, 1, 2))
-  for got, want in zip(grads(q, k, v), reference_grads(q, k, v)):
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
-def test_dropout_drops_at_its_rate_and_keeps_the_expected_value(rate):
-  x = jnp.ones((64, 32, 256))
-  apply = lambda seed: Dropout(rate).apply({}, x, False, rngs={"dropout": jax.random.key(seed)})
-  y, other = np.asarray(apply(0)), np.asarray(apply(1))
-  kept = y != 0
-  assert abs(1 - kept.mean() - rate) < 0.01
-  assert np.allclose(y[kept], 256 / round((1 - rate) * 256))  # scaled by the rounded keep rate
-  assert abs(y.mean() - 1) < 0.01
-  assert (other != y).any()  # another key, another mask
-  # Neighbouring elements share a 32-bit draw but not a decision.
-  assert abs(np.mean(kept[..., 0::4] == kept[..., 1::4]) - ((1 - rate)**2 + rate**2)) < 0.01
-  assert (Dropout(rate).apply({}, x, True) == x).all()

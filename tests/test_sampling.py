@@ -48,7 +48,7 @@ def loop_bodies(hlo_text: str) -> list[str]:
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decoding_updates_the_cache_in_place(params, batch):
-  """No copy of a layer's whole KV cache per decoded token (see model._index_after)."""
+  """No copy of a layer's whole KV cache per decoded token (see kernels.cache_update)."""
   model = GPT(CONFIG)
   start = jnp.zeros((batch,), jnp.int32)
   logits, cache = sampling._prefill(model, params, jnp.ones((batch, 4), jnp.int32), start)
