@@ -2,23 +2,28 @@
 
 Which file tests which module ("slow": the tests in it marked slow; see below):
 
-  test_model.py        model.py: GPT-2, KV cache; kernels.py: chunked attention, dropout
-  test_optim.py        optim.py: learning-rate schedule, weight-decay mask
+  test_model.py        model.py: GPT-2's shapes and numerics, the KV cache, count_params
+  test_kernels.py      kernels.py: Dense, HeadsDense, Dropout, every attention path, cache_update
+  test_optim.py        optim.py: learning-rate schedule, weight-decay mask, Muon. slow: Muon
+                       under FSDP on 8 simulated devices
   test_steps.py        steps.py: gradient accumulation, bfloat16 compute
   test_parallel.py     parallel.py: meshes, partition rules. slow: 8 simulated devices, two
                        processes joined by jax.distributed
   test_train.py        train_lib.py: a tiny run that learns, resume. slow: train.py
   test_preemption.py   preemption.py: stop and resume exactly. slow: signals to training
                        processes, two hosts, kill -9 during a save
-  test_bad_input.py    errors.py, cli.py: one clear error, the workdir untouched (also
-                       checkpoint.py's refusals and skip_nonfinite). slow: command-line mistakes
+  test_bad_input.py    errors.py, cli.py, nonfinite.py: one clear error, the workdir untouched
+                       (also skip_nonfinite). slow: command-line mistakes
+  test_workdir.py      workdir.py: config.json, the resume shape check, the lock, write_atomic
+  test_checkpoint.py   checkpoint.py: Orbax saves and restores, missing steps, read-only use
+  test_flops.py        flops.py: FLOPs per token, chip peaks, MFU
   test_tokenizer.py    tokenizer.py, data/normalize.py
   test_data.py         data/tokens.py, batches.py, pipeline.py; text and packaged corpora
   test_corpora.py      data/sources.py at scale (streamed, cloud paths), data/tfds_source.py
   test_hf_corpus.py    data/hf_source.py. slow: `datasets` is not imported for text corpora
-  test_sampling.py     sampling.py. slow: sample.py
+  test_sampling.py     sampling.py, runs.py. slow: sample.py
   test_evaluate.py     scoring.py. slow: python -m gpt2jax.evaluate
-  test_report.py       metrics.py: TensorBoard, summary.json, MFU
+  test_report.py       metrics.py: TensorBoard, summary.json
   test_plots.py        plots.py: loss curves, attention heatmaps. slow: the commands
   test_hf.py           hf_checkpoint.py, hf_tokenizer.py, pretrained.py, export.py. slow: the
                        commands, an import sharded over 8 simulated devices
@@ -27,7 +32,7 @@ Which file tests which module ("slow": the tests in it marked slow; see below):
   test_tpu_compile.py  aot.py, all slow (skipped without libtpu)
   test_notebook.py     notebooks/gpt2_from_scratch.ipynb. slow: running it
 
-checkpoint.py is tested through test_train.py, test_bad_input.py and test_preemption.py.
+checkpoint.py is also tested end to end through test_train.py and test_preemption.py.
 kill_during_save.py, multihost_stop.py, multihost_train_stop.py and stop_probe.py are scripts
 that the preemption tests run; fixtures/ holds what transformers itself computed.
 
