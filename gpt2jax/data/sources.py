@@ -87,7 +87,7 @@ def _remote_glob(pattern: str) -> Iterator[epath.Path]:
 READ_CHUNK_BYTES = 16 << 20
 
 
-def _utf8_chunks(path) -> Iterator[str]:
+def utf8_chunks(path) -> Iterator[str]:
   """A file's text in chunks of about READ_CHUNK_BYTES, checked as UTF-8 on the way."""
   decoder = codecs.getincrementaldecoder("utf-8")()
   lines_before = 0
@@ -111,7 +111,7 @@ def _utf8_chunks(path) -> Iterator[str]:
 
 def read_utf8(path) -> str:
   """A whole UTF-8 file; a clear error naming the line of the first invalid byte."""
-  return "".join(_utf8_chunks(Path(path)))
+  return "".join(utf8_chunks(Path(path)))
 
 
 def split_stream(chunks: Iterable[str], separator: str, limit: int | None = None
@@ -145,7 +145,7 @@ def text_documents(data_config) -> Iterator[Piece]:
   for path in text_files(data_config.path):
     documents = characters = 0
     blank_lines = False
-    for piece in split_stream(_utf8_chunks(path), separator):
+    for piece in split_stream(utf8_chunks(path), separator):
       documents += piece.ends_document
       characters += len(piece.text)
       blank_lines = blank_lines or "\n\n" in piece.text
