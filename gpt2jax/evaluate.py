@@ -26,14 +26,16 @@ _STRIDE = flags.DEFINE_integer(
     "stride", None, "Tokens each sliding window moves on; every scored token sees at least "
     "block_size - stride tokens of context, and the model reads each token block_size / "
     "stride times. Default: half the block; 1 is the most context (and the slowest).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Windows per forward pass.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Windows per forward pass. Default: 32, fewer when their logits would "
+    "take more than 128 MB (a GPT-2 of 1,024 positions x 50,257 tokens: one).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with the time left.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 
 def _evaluate() -> None:
-  if _BATCH_SIZE.value < 1:
+  if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
     raise errors.UserError(f"--batch_size must be at least 1, got {_BATCH_SIZE.value}.")
   text_file = scoring.check_text_file(_TEXT_FILE.value)
   loaded = sampling.load_requested(_WORKDIR.value, _STEP.value, _INIT_FROM.value,
@@ -41,11 +43,12 @@ def _evaluate() -> None:
   block = loaded.model.config.block_size
   stride = _STRIDE.value or scoring.default_stride(block)
   scoring.check_stride(stride, block)
+  batch_size = _BATCH_SIZE.value or scoring.default_batch_size(loaded.model.config)
   size = text_file.stat().st_size
   shown = f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
-  print(f"scoring {text_file} ({shown}) in {scoring.stride_cost(block, stride)}",
-        file=sys.stderr, flush=True)
-  result = scoring.score_file(loaded, text_file, stride=stride, batch_size=_BATCH_SIZE.value,
+  print(f"scoring {text_file} ({shown}) in {scoring.stride_cost(block, stride)}; "
+        f"{batch_size} windows per forward pass", file=sys.stderr, flush=True)
+  result = scoring.score_file(loaded, text_file, stride=stride, batch_size=batch_size,
                               progress=_PROGRESS.value)
   score = result.score
   sys.stdout.reconfigure(encoding="utf-8")
@@ -53,6 +56,7 @@ def _evaluate() -> None:
     print(json.dumps({"workdir": str(loaded.workdir),
                       "step": loaded.step if loaded.from_workdir else None,
                       "text_file": _TEXT_FILE.value, "block_size": block, "stride": stride,
+                      "batch_size": batch_size,
                       "normalized": result.normalized, "seconds": result.seconds,
                       **score.as_dict()}))
     return

@@ -154,17 +154,19 @@ def _batches(windows: Iterator, block_size: int, batch_size: int, pad_id: int) -
 def scored_nats(model, params, id_chunks: Iterable, *, eos_id: int, pad_id: int, stride: int,
                 batch_size: int = 32) -> Iterator[np.ndarray]:
   """The negative log-likelihood (nats) of each id given end-of-text and the ids before it,
-  in order, a batch of windows at a time; one batch computes while the next is built (and
-  its text read and encoded)."""
+  in order, a batch of windows at a time. The next batch is built (its text read and encoded)
+  while the model computes one; never two at once, which would double the memory."""
   block = model.config.block_size
   token_losses = _token_losses_fn(model)
   in_flight = None
   for inputs, targets, scored in _batches(stream_windows(id_chunks, block, stride, eos_id),
                                           block, batch_size, pad_id):
-    losses = token_losses(params, inputs, targets)  # dispatched; runs while we go on
+    done = None
     if in_flight is not None:
-      yield np.asarray(in_flight[0], np.float64)[in_flight[1]]
-    in_flight = (losses, scored)
+      done = np.asarray(in_flight[0], np.float64)[in_flight[1]]  # waits for it
+    in_flight = (token_losses(params, inputs, targets), scored)  # dispatched, runs on
+    if done is not None:
+      yield done
   if in_flight is not None:
     yield np.asarray(in_flight[0], np.float64)[in_flight[1]]
 
@@ -193,10 +195,22 @@ def read_text_file(path: str | Path) -> str:
   return sources.read_utf8(check_text_file(path))
 
 
+LOGITS_BUDGET_BYTES = 128 << 20  # float32 logits of one batch of windows, at most
+
+
+def default_batch_size(model_config) -> int:
+  """Windows per forward pass: up to 32, fewer when their logits would pass
+  LOGITS_BUDGET_BYTES (GPT-2's 1,024 x 50,257 logits take 206 MB a window: one at a time),
+  as the temporaries of a forward pass are a few times its logits."""
+  per_window = model_config.block_size * model_config.vocab_size * 4
+  return int(min(32, max(1, LOGITS_BUDGET_BYTES // per_window)))
+
+
 def default_stride(block_size: int) -> int:
-  """Half the block: every token sees at least half a block of context, and the model reads
-  each token twice (a quarter-block stride costs twice that for a few percent more context;
-  see README, Evaluation)."""
+  """Half the block: every token sees at least half a block of context and the model reads
+  each token twice. A quarter block costs twice that and gave the same loss on the CPU
+  recipe's model; a whole block costs half but leaves a window's first tokens little context
+  (README, Evaluation)."""
   return max(1, block_size // 2)
 
 
@@ -253,8 +267,8 @@ def _score(loaded, raw_pieces: Iterable[str], *, stride: int, batch_size: int,
                    total_nats=total_nats), reading
 
 
-def score_text(loaded: Any, text: str, *, stride: int | None = None, batch_size: int = 32
-               ) -> tuple[TextScore, str]:
+def score_text(loaded: Any, text: str, *, stride: int | None = None,
+               batch_size: int | None = None) -> tuple[TextScore, str]:
   """The model's score on text (after the corpus's normalization), and the text it scored.
 
   loaded: a sampling.LoadedModel. stride defaults to default_stride(block).
@@ -265,7 +279,8 @@ def score_text(loaded: Any, text: str, *, stride: int | None = None, batch_size:
     raise UserError("Nothing is left of the text after normalization (it held only marks the "
                     "training corpus removes): give a text with letters in it.")
   pieces = (p.text for p in sources.split_stream([text], "", EVALUATE_PIECE_CHARS))
-  score, _ = _score(loaded, pieces, stride=stride, batch_size=batch_size)
+  score, _ = _score(loaded, pieces, stride=stride,
+                    batch_size=batch_size or default_batch_size(loaded.model.config))
   return score, normalized
 
 
@@ -278,7 +293,7 @@ class FileScore:
 
 
 def score_file(loaded: Any, path: str | Path, *, stride: int | None = None,
-               batch_size: int = 32, progress: bool = True) -> FileScore:
+               batch_size: int | None = None, progress: bool = True) -> FileScore:
   """The model's score on a UTF-8 file of any size, streamed (see the module docstring), with
   a progress bar on stderr that estimates the time left."""
   from tqdm import tqdm
@@ -297,7 +312,8 @@ def score_file(loaded: Any, path: str | Path, *, stride: int | None = None,
       done = int(reading.raw_bytes * scored / max(reading.tokens, 1))
       bar.update(max(done - bar.n, 0))
 
-    score, reading = _score(loaded, pieces, stride=stride, batch_size=batch_size,
+    score, reading = _score(loaded, pieces, stride=stride,
+                            batch_size=batch_size or default_batch_size(loaded.model.config),
                             on_progress=on_progress)
     bar.update(size - bar.n)
   return FileScore(score, reading.raw_characters, reading.normalized,

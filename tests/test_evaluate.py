@@ -111,6 +111,15 @@ def test_a_file_is_scored_a_piece_at_a_time_with_the_numbers_of_the_whole(
   assert not result.normalized and result.raw_characters == len(text)
 
 
+def test_a_batch_of_windows_keeps_its_logits_within_a_budget():
+  from gpt2jax.model import GPTConfig
+
+  gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+  small = GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256)
+  assert scoring.default_batch_size(gpt2) == 1  # 206 MB of logits a window
+  assert scoring.default_batch_size(small) == 32  # 4 MB a window
+
+
 def test_evaluate_command_prints_json(trained_workdir, tmp_path):
   text_file = tmp_path / "held_out.txt"
   text_file.write_text("ROMEO 3: שלום עולם, hello world number 3.\n" * 3, encoding="utf-8")

@@ -73,12 +73,21 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   return PreparedData(tokenizer, train, val, scan.num_documents, scan.num_characters, trained)
 
 
-def _note_inexact_round_trip(tokenizer, documents, how_many: int = 200) -> None:
+def _note_inexact_round_trip(tokenizer, texts, how_many: int = 200,
+                             characters: int = 1 << 20) -> None:
   """A tokenizer.json may not give back the text it encodes (lower-casing, unknown tokens):
-  say so once, with an example from the corpus."""
+  say so once, with an example from the corpus (its first pieces of text, a bounded amount)."""
   from gpt2jax.hf_tokenizer import round_trip_failure
 
-  failure = round_trip_failure(tokenizer, itertools.islice(documents, how_many))
+  def first():
+    seen = 0
+    for text in itertools.islice(texts, how_many):
+      if seen >= characters:
+        return
+      yield text
+      seen += len(text)
+
+  failure = round_trip_failure(tokenizer, first())
   if failure is not None:
     decoded = tokenizer.decode(tokenizer.encode(failure))
     print(f"note: this tokenizer does not give its text back exactly (e.g. {failure[:40]!r} "
