@@ -130,26 +130,31 @@ def test_measuring_and_splitting_pieces_equals_whole_documents():
 def test_preparing_a_one_document_file_never_encodes_the_document_whole(
     tmp_path, monkeypatch, kind):
   """The token cache of a file without the separator equals whole-document encoding, while
-  the tokenizer never sees more than a piece at once."""
+  the tokenizer never sees more than a piece as one text, nor more than ENCODE_BATCH_CHARS
+  in one call."""
   path = tmp_path / "one_document.txt"
   path.write_text(DOCUMENT, encoding="utf-8")
   monkeypatch.setattr(pieces, "PIECE_CHARS", 400)
   monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 1000)
-  longest = []
+  monkeypatch.setattr(tokens, "ENCODE_BATCH_CHARS", 1000)
+  longest, per_call = [], []
   classes = {"char": (CharTokenizer, "encode_array"), "bpe": (SentencePieceTokenizer, "encode_batch"),
              "hf": (hf_tokenizer.HFTokenizer, "encode_batch")}
   cls, method = classes[kind]
   real = getattr(cls, method)
 
   def spy(self, texts):
-    longest.append(max(map(len, [texts] if isinstance(texts, str) else texts), default=0))
+    texts_of_call = [texts] if isinstance(texts, str) else texts
+    longest.append(max(map(len, texts_of_call), default=0))
+    per_call.append(sum(map(len, texts_of_call)))
     return real(self, texts)
 
   monkeypatch.setattr(cls, method, spy)
   config = tiny_config(path, data__separator="<|endoftext|>", tokenizer__kind=kind,
                        tokenizer__vocab_size=500, tokenizer__path=str(TINY_GPT2))
   data = prepare_data(config, tmp_path / "run", reuse_tokenizer=False)
-  assert data.num_documents == 1 and max(longest) <= 400
+  assert data.num_documents == 1 and max(longest) <= 400 and max(per_call) <= 1000
+  assert len(per_call) > len(DOCUMENT) // 1000
   cut = int(tokens.plan_split([len(DOCUMENT)], config.data.val_fraction, True)[0])
   eos = [data.tokenizer.eos_id]
   monkeypatch.setattr(cls, method, real)
