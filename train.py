@@ -1,7 +1,7 @@
 """Train a GPT-2: python train.py --config=configs/hebrew.py [--workdir=runs/hebrew].
 
 Running the same command again resumes from the workdir's latest checkpoint. SIGTERM or
-Ctrl-C saves a checkpoint after the current step and exits 0 (a second one aborts at once).
+Ctrl-C saves a checkpoint within two steps and exits 0 (a second one aborts at once).
 `--compile_only --topology=v5e:2x4` compiles the sharded train step for a TPU slice and
 reports its memory and estimated step time, without a TPU (needs requirements-tpu.txt).
 """

@@ -3,8 +3,10 @@ checkpoints, metrics, stopping)."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -21,6 +23,16 @@ from gpt2jax.data.pipeline import PreparedData, prepare_data_on_every_process
 from gpt2jax.model import GPT, GPTConfig, count_params
 from gpt2jax.steps import ShardedSteps, TrainState, make_sharded_steps, validate_config
 from gpt2jax.tokenizer import model_vocab_size
+
+# Dispatch is asynchronous, and the loop reads metrics only at log lines: unbounded, the host
+# would queue up to log_every steps, and a stop request would wait for all of them. After
+# dispatching step n the host waits until step n - MAX_UNFINISHED_STEPS has finished: the
+# device still has step n queued behind the one it runs, so no time is lost as long as the
+# host prepares a step faster than the device runs one, and a stop request is honoured at
+# most MAX_UNFINISHED_STEPS + 1 steps after the last step the device had finished when it
+# came (the one it was running included). 2 gave the same throughput on the benchmark shapes
+# (README, "Stopping and preemption") and stops a step later.
+MAX_UNFINISHED_STEPS = 1
 
 
 @dataclasses.dataclass
@@ -97,8 +109,29 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
              compiling)
 
 
-def evaluate(run: Run, params, windows: list[np.ndarray]) -> float:
-  losses = [run.eval_step(params, run.place_batch(batch)) for batch in windows]
+class UnfinishedSteps:
+  """Keeps at most `limit` dispatched device computations unfinished (see
+  MAX_UNFINISHED_STEPS), by waiting for a small output of each."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self._outputs: collections.deque = collections.deque()
+
+  def dispatched(self, small_output: jax.Array) -> None:
+    self._outputs.append(small_output)
+    while len(self._outputs) > self.limit:
+      self._outputs.popleft().block_until_ready()
+
+
+def evaluate(run: Run, params, windows: list[np.ndarray],
+             stop_requests: preemption.StopRequests | None = None) -> float | None:
+  """Mean loss over the windows; None when a stop request cut it short (on a single host)."""
+  losses, unfinished = [], UnfinishedSteps(MAX_UNFINISHED_STEPS)
+  for batch in windows:
+    if stop_requests is not None and stop_requests.requested():
+      return None
+    losses.append(run.eval_step(params, run.place_batch(batch)))
+    unfinished.dispatched(losses[-1])
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -168,9 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                        resume_command: str = "") -> TrainState:
   """Trains (or resumes) the run in workdir up to config.train.num_steps.
 
-  SIGTERM or SIGINT stops it after the current step with a checkpoint (gpt2jax.preemption);
-  resume_command is the command shown for resuming. A NaN or infinite loss stops it with
-  errors.TrainingDiverged, keeping the last good checkpoint.
+  SIGTERM or SIGINT stops it, with a checkpoint, at most MAX_UNFINISHED_STEPS + 1 steps
+  after the last one the device had finished (gpt2jax.preemption); resume_command is the command shown for resuming. A NaN or infinite
+  loss stops it with errors.TrainingDiverged, keeping the last good checkpoint.
   """
   config, init_note = pretrained.resolve_config(config)
   if init_note and jax.process_index() == 0:
@@ -195,7 +228,9 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
   t = config.train
   console = metrics.Console(total=t.num_steps, initial=run.start_step, enabled=run.is_writer)
   _startup_report(run, console)
-  if run.start_step >= t.num_steps:
+  # The log line (with evaluation and sample) of the step a stop request cut short, if any.
+  record_due = run.resume_meta.get("record_due")
+  if run.start_step >= t.num_steps and not record_due:
     console.print(f"{run.workdir} is already trained to step {run.start_step}: raise "
                   "--config.train.num_steps to train further.")
     console.close()
@@ -221,22 +256,31 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
   interval = metrics.Interval(run.resume_meta.get("pending_metrics", []))
   guard = _NonfiniteGuard(run)
   run_started = time.perf_counter() - run.resume_meta.get("elapsed_seconds", 0.0)
-  if step == 0:
-    _evaluate_and_report(run, state, 0, {}, val_windows, train_windows, log, console)
+  report = functools.partial(  # (state, step, record) -> False if a stop request cut it short
+      _evaluate_and_report, run, val_windows=val_windows, train_windows=train_windows, log=log,
+      console=console, stop_requests=stop_requests)
+  stopping = False
+  if step == 0 or record_due:  # the step-0 evaluation, or the one a stop request put off
+    stopping = not report(state, step, record_due or {})
+  # Compiles the finiteness check of every save now, while the train step compiles, rather
+  # than in the first save (which may be a stop's).
+  ckpt.all_finite(state.params)
   compiled = run.compiled_train_step()
   for line in aot.startup_lines(run.steps.mesh, state, compiled):
     console.print(line)
   train_step = compiled.executable
   next_batch = run.place_batch(train_batches.batch(step))
+  unfinished = UnfinishedSteps(MAX_UNFINISHED_STEPS)
   interval.restart_clock()
-  stopping = False
+  stopping = stopping or stop_requests.requested()  # (a request during the compile)
   while step < t.num_steps and not stopping:
     # Dispatch is asynchronous: the host prepares the next batch while this step runs, and
-    # metrics stay on the device until a log line is due.
+    # metrics stay on the device until a log line is due (see MAX_UNFINISHED_STEPS).
     state, step_metrics = train_step(state, next_batch)
     if step + 1 < t.num_steps:
       next_batch = run.place_batch(train_batches.batch(step + 1))
     interval.add(step_metrics)
+    unfinished.dispatched(step_metrics["loss"])
     step += 1
     console.step()
     stopping = stop_requests.should_stop(step)
@@ -245,31 +289,37 @@ def _train(run: Run, stop_requests: preemption.StopRequests, resume_command: str
     is_save = step % t.checkpoint_every == 0 or step == t.num_steps or stopping
     if is_log or is_save:
       guard.check(interval, step)  # before anything is logged or saved
+    record_due = None
     if is_log:
       record = {"step": step, **interval.summary(tokens_per_step, count_skipped=guard.skip),
                 "tokens_seen": step * tokens_per_step, "epoch": train_batches.epoch(step),
                 "elapsed_seconds": time.perf_counter() - run_started}
       console.progress(step, record)
-      if is_eval:
-        _evaluate_and_report(run, state, step, record, val_windows, train_windows, log, console)
-      else:
+      if is_eval and (stopping or not report(state, step, record)):
+        record_due, stopping = record, True  # the resumed run evaluates and samples
+      elif not is_eval:
         log.write(record)
       interval.reset()
-    if is_save:
-      run.checkpoints.save(step, state, {
-          "step": step, "tokens_seen": step * tokens_per_step,
-          "elapsed_seconds": time.perf_counter() - run_started,
-          "pending_metrics": interval.pending()})
+    stopping = stopping or stop_requests.requested()  # (a request during the evaluation)
+    if is_save or stopping:
+      meta = {"step": step, "tokens_seen": step * tokens_per_step,
+              "elapsed_seconds": time.perf_counter() - run_started,
+              "pending_metrics": interval.pending()}
+      run.checkpoints.save(step, state, {**meta, "record_due": record_due} if record_due
+                           else meta)
     if is_log:
       interval.restart_clock()  # evaluation, sampling and saving are not training time
   run.checkpoints.wait()
   log.close()
   console.close()
   if run.is_writer:
-    if step < t.num_steps:
-      print(f"Stopped by {stop_requests.reason()} after step {step} of {t.num_steps}; "
-            f"checkpoint saved in {run.checkpoints.path(step)}.\nTo resume, run the same "
-            f"command again{': ' + resume_command if resume_command else '.'}", flush=True)
+    if stopping:
+      stopped = (f"after step {step} of {t.num_steps}; checkpoint saved in "
+                 f"{run.checkpoints.path(step)} ({stop_requests.seconds_since_request():.1f} s "
+                 f"from the {stop_requests.request()} to the checkpoint on disk)" if step
+                 else "before the first step: nothing to save")
+      print(f"Stopped by {stop_requests.reason()} {stopped}.\nTo resume, run the same command "
+            f"again{': ' + resume_command if resume_command else '.'}", flush=True)
     else:
       print(f"trained to step {step}; checkpoints in {run.checkpoints.directory}", flush=True)
       _write_run_report(run, state, tokens_per_step)
@@ -300,9 +350,15 @@ def _write_run_report(run: Run, state: TrainState, tokens_per_step: int) -> None
 
 def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
                          val_windows, train_windows, log: metrics.MetricsLog,
-                         console: metrics.Console) -> None:
-  val_loss = evaluate(run, state.params, val_windows)
-  eval_train_loss = evaluate(run, state.params, train_windows)
+                         console: metrics.Console, stop_requests: preemption.StopRequests
+                         ) -> bool:
+  """Writes the step's record with its evaluation, and a sample; False, having written
+  nothing, when a stop request (on a single host) came before they were done."""
+  val_loss = evaluate(run, state.params, val_windows, stop_requests)
+  eval_train_loss = (None if val_loss is None else
+                     evaluate(run, state.params, train_windows, stop_requests))
+  if eval_train_loss is None or stop_requests.requested():
+    return False
   # Before the first step there is no running training loss: the evaluated one stands in.
   record = {"step": step, "train_loss": eval_train_loss, **record,
             **metrics.loss_summary("eval_train", eval_train_loss, run.data.train.bytes_per_token),
@@ -314,7 +370,8 @@ def _evaluate_and_report(run: Run, state: TrainState, step: int, record: dict,
   if run.config.train.sample_tokens > 0 and step > 0:
     params = parallel.host_local(state.params)  # a collective when there are several processes
     if not run.is_writer:
-      return
+      return True
     text = generate_sample(run, params, step)
     console.print(f"--- sample at step {step} ---\n{text}\n---")
     log.write_sample(step, text)
+  return True

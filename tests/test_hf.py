@@ -128,6 +128,24 @@ def test_a_pickle_is_refused_unopened_and_missing_files_are_named(tmp_path):
     pretrained.load_pretrained(directory)
 
 
+@pytest.mark.parametrize("bias, tied", [(False, True), (True, False)])
+def test_models_without_biases_or_with_an_untied_head_convert_exactly(bias, tied):
+  """GPT-2 always has biases (zeros stand in) and may have its own lm_head."""
+  cfg = GPTConfig(vocab_size=70, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=bias,
+                  tie_embeddings=tied)
+  ids = np.arange(32).reshape(2, 16) % 70
+  params = GPT(cfg).init(jax.random.key(1), ids)["params"]
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+  tensors = hf_checkpoint.from_params(params, cfg)
+  shape = hf_checkpoint.GPT2Shape(vocab_size=70, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  tie_embeddings=tied)
+  back = hf_checkpoint.to_params({k.removeprefix("transformer."): v for k, v in tensors.items()},
+                                 shape, block_size=16)
+  gpt2 = GPT(GPTConfig(vocab_size=70, block_size=16, **shape.model_fields()))
+  np.testing.assert_allclose(gpt2.apply({"params": back}, ids)[0],
+                             GPT(cfg).apply({"params": params}, ids)[0], atol=1e-5)
+
+
 # --- tokenizer.json ------------------------------------------------------------------------
 
 def test_tokenizer_json_gives_transformers_ids_and_round_trips():

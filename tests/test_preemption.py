@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kill_during_save
+from stop_probe import Probe
 from conftest import REPO, tiny_config
 from gpt2jax import checkpoint as ckpt
 from gpt2jax import errors, preemption, train_lib
@@ -39,22 +40,32 @@ def subprocess_env(**extra) -> dict:
   return dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONDONTWRITEBYTECODE="1", **extra)
 
 
-def test_a_run_stopped_between_log_lines_logs_exactly_what_an_uninterrupted_one_does(
-    tmp_path, tiny_text_file, monkeypatch, capsys):
+@pytest.mark.parametrize("stop_at", [
+    13,  # between log lines: the checkpoint carries the steps since the last one
+    25,  # at an evaluation: the resumed run evaluates and samples it
+    40,  # at the last step, which evaluates too: the resumed run does, and finishes the run
+])
+def test_a_stopped_run_logs_exactly_what_an_uninterrupted_one_does(
+    stop_at, tmp_path, tiny_text_file, monkeypatch, capsys):
   # (Runs first: the programs it compiles are those the subprocess below finds in the cache.)
-  config = tiny_config(tiny_text_file, train__num_steps=40, **RUN)
-  with monkeypatch.context() as patch:  # a stop request arrives during step 13
-    patch.setattr(preemption.StopRequests, "should_stop", lambda self, step: step == 13)
+  config = tiny_config(tiny_text_file, train__num_steps=40, **{**RUN, "train__sample_tokens": 8})
+  with monkeypatch.context() as patch:  # a stop request arrives during step stop_at
+    patch.setattr(preemption.StopRequests, "should_stop", lambda self, step: step == stop_at)
     stopped = train_lib.train_and_evaluate(config, tmp_path / "run")
-  assert int(stopped.step) == 13
-  assert "Stopped by a preemption notice after step 13 of 40" in capsys.readouterr().out
-  assert ckpt.Checkpoints(tmp_path / "run", for_training=False).steps() == [13]
+  assert int(stopped.step) == stop_at
+  assert f"Stopped by a preemption notice after step {stop_at} of 40" in capsys.readouterr().out
+  assert ckpt.Checkpoints(tmp_path / "run", for_training=False).steps() == [stop_at]
+  assert max(r["step"] for r in read_metrics(tmp_path / "run") if "val_loss" in r) < stop_at
 
   resumed = train_lib.train_and_evaluate(config, tmp_path / "run")
   straight = train_lib.train_and_evaluate(config, tmp_path / "straight")
   records = comparable(read_metrics(tmp_path / "run"))
   assert [r["step"] for r in records] == [0, 7, 14, 21, 25, 28, 35, 40]
   assert records == comparable(read_metrics(tmp_path / "straight"))  # 14 averages 8..14
+  for name in ("samples.txt", "summary.json"):
+    assert (tmp_path / "run" / name).exists(), name
+  assert (tmp_path / "run" / "samples.txt").read_text(encoding="utf-8") == (
+      tmp_path / "straight" / "samples.txt").read_text(encoding="utf-8")
   assert_same_params(resumed.params, straight.params)
   assert_same_params(resumed.opt_state, straight.opt_state)
 
@@ -83,7 +94,8 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes_exactly(tmp_path, ti
 
   assert process.returncode == 0, err
   stopped = re.search(r"Stopped by SIGTERM after step (\d+) of 100000; checkpoint saved in "
-                      r"(\S+)\.\nTo resume, run the same command again: python \S*train.py", out)
+                      r"(\S+) \(\d+\.\d s from the signal to the checkpoint on disk\)\.\n"
+                      r"To resume, run the same command again: python \S*train.py", out)
   assert stopped, out[-2000:]
   step = int(stopped.group(1))
   assert stopped.group(2) == str(workdir / "checkpoints" / str(step))
@@ -98,6 +110,46 @@ def test_sigterm_saves_the_step_reached_exits_0_and_resumes_exactly(tmp_path, ti
   straight = train_lib.train_and_evaluate(config, tmp_path / "straight")
   assert comparable(read_metrics(workdir)) == comparable(read_metrics(tmp_path / "straight"))
   assert_same_params(resumed.params, straight.params)
+
+
+# A model big enough that the device runs slower than the host dispatches (as any real one).
+SLOW = dict(model__n_layer=2, model__n_head=4, model__n_embd=128, model__block_size=64,
+            train__batch_size=16)
+BOUND = train_lib.MAX_UNFINISHED_STEPS + 1  # steps past the last one finished at the signal
+
+
+@pytest.mark.parametrize("eval_every, evaluating", [
+    (20, False),  # far: the host is stopped before it can queue the steps up to it
+    (10, False),  # due at the step where the request is honoured
+    (10, True),  # under way when the request comes
+])
+def test_sigterm_stops_within_the_bound_without_evaluating_and_resumes_exactly(
+    eval_every, evaluating, tmp_path, tiny_text_file, monkeypatch, capsys):
+  # log_every beyond the run: unbounded, the loop would read metrics only at evaluations.
+  config = tiny_config(tiny_text_file, train__num_steps=24, **{
+      **RUN, **SLOW, "train__log_every": 1000, "train__eval_every": eval_every,
+      "train__sample_tokens": 8})
+  with monkeypatch.context() as patch:
+    probe = Probe(patch, at_step=10, evaluating=evaluating)
+    stopped = train_lib.train_and_evaluate(config, tmp_path / "run")
+  step, finished = int(stopped.step), probe.finished_at_signal
+  assert finished is not None and finished <= step <= finished + BOUND, (finished, step)
+  assert f"Stopped by SIGTERM after step {step} of 24; checkpoint saved in" in (
+      capsys.readouterr().out)
+  assert ckpt.Checkpoints(tmp_path / "run", for_training=False).steps() == [step]
+  # Nothing was evaluated or sampled after the signal: the step-0 evaluation is all there is.
+  assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0]
+  assert not (tmp_path / "run" / "samples.txt").exists()
+
+  resumed = train_lib.train_and_evaluate(config, tmp_path / "run")
+  straight = train_lib.train_and_evaluate(config, tmp_path / "straight")
+  records = comparable(read_metrics(tmp_path / "run"))
+  assert [r["step"] for r in records] == sorted({0, *range(eval_every, 25, eval_every), 24})
+  assert records == comparable(read_metrics(tmp_path / "straight"))
+  assert (tmp_path / "run" / "samples.txt").read_text(encoding="utf-8") == (
+      tmp_path / "straight" / "samples.txt").read_text(encoding="utf-8")
+  assert_same_params(resumed.params, straight.params)
+  assert_same_params(resumed.opt_state, straight.opt_state)
 
 
 STOP_LOOP = """
@@ -126,7 +178,7 @@ def test_a_second_signal_aborts_at_once(signum):
   process.wait(timeout=30)
   assert process.returncode == -signum
   name = signal.Signals(signum).name
-  assert f"{name} received: stopping after this step" in process.stderr.read()
+  assert f"{name} received: stopping within a few steps" in process.stderr.read()
 
 
 def _free_port() -> int:
@@ -150,6 +202,29 @@ def test_all_hosts_stop_at_the_same_step_when_one_is_signalled(signum):
   steps = [re.search(r"stopping at step (\d+)", out) for out in outputs]
   assert all(steps), outputs
   assert steps[0].group(1) == steps[1].group(1)
+
+
+def test_hosts_agree_to_stop_within_the_bound_when_one_is_signalled(tmp_path, tiny_text_file):
+  import multihost_train_stop as script
+
+  port, workdir = _free_port(), tmp_path / "run"
+  processes = [subprocess.Popen(
+      [sys.executable, script.__file__, str(i), str(port), str(tiny_text_file), str(workdir)],
+      env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [process.communicate(timeout=600) for process in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  steps = {int(re.search(r"process \d stopped at step (\d+)", out).group(1)) for out, _ in outputs}
+  assert len(steps) == 1, outputs  # one checkpoint, written by both
+  step = steps.pop()
+  # JAX's rule: one step after the furthest host's latest check. Each host checks a step once
+  # the step MAX_UNFINISHED_STEPS before it has finished, and none can get past the steps that
+  # process 0 had dispatched (SIGNAL_AT) while it held its host: so at most BOUND after those.
+  assert script.SIGNAL_AT <= step <= script.SIGNAL_AT + BOUND, outputs[0][0]
+  assert f"Stopped by a preemption notice after step {step} of 24" in outputs[0][0]
+  assert ckpt.Checkpoints(workdir, for_training=False).steps() == [step]
+  assert [r["step"] for r in read_metrics(workdir)] == [0]  # no evaluation after the signal
+  assert not (workdir / "samples.txt").exists()
 
 
 @pytest.fixture(scope="module")
