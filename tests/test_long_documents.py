@@ -130,31 +130,26 @@ def test_measuring_and_splitting_pieces_equals_whole_documents():
 def test_preparing_a_one_document_file_never_encodes_the_document_whole(
     tmp_path, monkeypatch, kind):
   """The token cache of a file without the separator equals whole-document encoding, while
-  the tokenizer never sees more than a piece as one text, nor more than ENCODE_BATCH_CHARS
-  in one call."""
+  the tokenizer never sees more than a piece at once."""
   path = tmp_path / "one_document.txt"
   path.write_text(DOCUMENT, encoding="utf-8")
   monkeypatch.setattr(pieces, "PIECE_CHARS", 400)
   monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 1000)
-  monkeypatch.setattr(tokens, "ENCODE_BATCH_CHARS", 1000)
-  longest, per_call = [], []
+  longest = []
   classes = {"char": (CharTokenizer, "encode_array"), "bpe": (SentencePieceTokenizer, "encode_batch"),
              "hf": (hf_tokenizer.HFTokenizer, "encode_batch")}
   cls, method = classes[kind]
   real = getattr(cls, method)
 
   def spy(self, texts):
-    texts_of_call = [texts] if isinstance(texts, str) else texts
-    longest.append(max(map(len, texts_of_call), default=0))
-    per_call.append(sum(map(len, texts_of_call)))
+    longest.append(max(map(len, [texts] if isinstance(texts, str) else texts), default=0))
     return real(self, texts)
 
   monkeypatch.setattr(cls, method, spy)
   config = tiny_config(path, data__separator="<|endoftext|>", tokenizer__kind=kind,
                        tokenizer__vocab_size=500, tokenizer__path=str(TINY_GPT2))
   data = prepare_data(config, tmp_path / "run", reuse_tokenizer=False)
-  assert data.num_documents == 1 and max(longest) <= 400 and max(per_call) <= 1000
-  assert len(per_call) > len(DOCUMENT) // 1000
+  assert data.num_documents == 1 and max(longest) <= 400
   cut = int(tokens.plan_split([len(DOCUMENT)], config.data.val_fraction, True)[0])
   eos = [data.tokenizer.eos_id]
   monkeypatch.setattr(cls, method, real)
@@ -163,6 +158,25 @@ def test_preparing_a_one_document_file_never_encodes_the_document_whole(
   meta = json.loads((tmp_path / "run" / "data" / "tokens.json").read_text())
   assert meta["splits"]["train"]["cuts"] > 10
   assert meta["splits"]["train"]["cuts_that_change_ids"] == 0
+
+
+def test_an_hf_tokenizer_is_given_a_bounded_batch_of_text_per_call(tokenizers, monkeypatch):
+  """`tokenizers` keeps every token's offsets and strings until a call returns: encode_batch
+  hands it at most ENCODE_BATCH_CHARS at a time, with the same ids."""
+  tokenizer = tokenizers["hf"]
+  texts = [p.text for p in document_pieces(DOCUMENT, limit=300)]
+  whole = [tokenizer.encode(t) for t in texts]
+  monkeypatch.setattr(hf_tokenizer, "ENCODE_BATCH_CHARS", 1000)
+  real, per_call = tokenizer._tok, []
+
+  class Spy:
+    def encode_batch(self, batch, **kwargs):
+      per_call.append(sum(map(len, batch)))
+      return real.encode_batch(batch, **kwargs)
+
+  monkeypatch.setattr(tokenizer, "_tok", Spy())
+  assert tokenizer.encode_batch(texts) == whole
+  assert max(per_call) <= 1000 and len(per_call) >= len(DOCUMENT) // 1000
 
 
 def test_cuts_that_change_ids_are_counted_and_reported(tmp_path, monkeypatch, capsys):

@@ -147,32 +147,18 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-ENCODE_BATCH_CHARS = 2_000_000  # text a tokenizer is given in one call: bounds its own memory
-# (an hf tokenizer keeps offsets and strings for every token of a call), and two 1M-character
-# pieces still keep two cores busy
-
-
-def _encoded_arrays(tokenizer: Tokenizer, texts: Sequence[str], dtype) -> Iterator[np.ndarray]:
-  if hasattr(tokenizer, "encode_array"):  # the char tokenizer: no Python lists
-    yield from (tokenizer.encode_array(t).astype(dtype) for t in texts)
-    return
-  start = 0
-  while start < len(texts):
-    end, chars = start + 1, len(texts[start])
-    while end < len(texts) and chars + len(texts[end]) <= ENCODE_BATCH_CHARS:
-      chars += len(texts[end])
-      end += 1
-    yield from (np.asarray(ids, dtype) for ids in tokenizer.encode_batch(texts[start:end]))
-    start = end
-
-
 def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> np.ndarray:
   """The ids of pieces of documents in one array, end-of-text after each document's last."""
   dtype = token_dtype(tokenizer.vocab_size)
+  texts = [piece.text for piece in pieces]
+  if hasattr(tokenizer, "encode_array"):  # the char tokenizer: no Python lists
+    encoded = [tokenizer.encode_array(t) for t in texts]
+  else:
+    encoded = tokenizer.encode_batch(texts)
   eos = np.array([tokenizer.eos_id], dtype=dtype)
   arrays = []
-  for piece, ids in zip(pieces, _encoded_arrays(tokenizer, [p.text for p in pieces], dtype)):
-    arrays.append(ids)
+  for piece, ids in zip(pieces, encoded):
+    arrays.append(np.asarray(ids, dtype=dtype))
     if piece.ends_document:
       arrays.append(eos)
   return np.concatenate(arrays) if arrays else np.zeros((0,), dtype)
