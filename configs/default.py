@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.vocab_size = 4000  # BPE only; char vocabularies are sized by the corpus
   config.tokenizer.character_coverage = 1.0
   config.tokenizer.input_sentence_size = 2_000_000  # lines sampled to train the BPE model
+  config.tokenizer.sample_characters = 100_000_000  # and at most this many characters
 
   config.data = ml_collections.ConfigDict()
   # 'text' reads data.path (a file, a directory or a glob); 'hebrew' and 'english' are the

@@ -29,6 +29,8 @@ HF_MODEL_FILE = "hf_tokenizer.json"  # the tokenizer.json, inside a workdir's to
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 END_OF_TEXT = "<|endoftext|>"  # how exported tokenizers spell gpt2jax's end-of-text
 # End-of-text tokens by the names common tokenizers give them, most likely first.
+ENCODE_BATCH_CHARS = 2_000_000  # text given to `tokenizers` in one call: it holds offsets and
+# strings for every token of a call until it returns, so this bounds encoding's memory
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 
 
@@ -81,7 +83,18 @@ class HFTokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    """Each text's ids, the texts given to `tokenizers` at most ENCODE_BATCH_CHARS at a time
+    (or one longer text alone)."""
+    ids, start = [], 0
+    while start < len(texts):
+      end, chars = start + 1, len(texts[start])
+      while end < len(texts) and chars + len(texts[end]) <= ENCODE_BATCH_CHARS:
+        chars += len(texts[end])
+        end += 1
+      ids += [e.ids for e in self._tok.encode_batch(list(texts[start:end]),
+                                                    add_special_tokens=False)]
+      start = end
+    return ids
 
   def encode_prompt(self, text: str) -> list[int]:
     """What the model is given for a prompt: the file's own encoding with its special tokens

@@ -8,13 +8,14 @@ special ids (end-of-text, padding) are stored explicitly next to the vocabulary.
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import os
 import random
 import unicodedata
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -72,8 +73,8 @@ class CharTokenizer:
   @classmethod
   def train(cls, documents: Iterable[str]) -> "CharTokenizer":
     seen = set()
-    for doc in documents:
-      seen.update(doc)
+    for doc in documents:  # strings, or pieces of documents
+      seen.update(doc if isinstance(doc, str) else doc.text)
     if not seen:
       raise errors.UserError("The corpus is empty: there is no text to build a vocabulary from.")
     return cls("".join(sorted(seen)))
@@ -137,10 +138,11 @@ class SentencePieceTokenizer:
 
   @classmethod
   def train(cls, documents: Iterable[str], *, vocab_size: int, character_coverage: float = 1.0,
-            input_sentence_size: int = 2_000_000, seed: int = 0) -> "SentencePieceTokenizer":
+            input_sentence_size: int = 2_000_000, sample_characters: int = 100_000_000,
+            seed: int = 0) -> "SentencePieceTokenizer":
     import sentencepiece as spm
 
-    lines = sample_lines(documents, input_sentence_size, seed)
+    lines = sample_lines(documents, input_sentence_size, seed, sample_characters)
     if not lines:
       raise errors.UserError("The corpus is empty: there is no text to train a tokenizer on.")
     spm.set_random_generator_seed(seed + 1)
@@ -203,25 +205,55 @@ class SentencePieceTokenizer:
     })
 
 
-def sample_lines(documents: Iterable[str], size: int, seed: int, separator: str = "\n"
+SAMPLE_LINE_CHARS = 8192  # longer lines are sampled in parts (SentencePiece skips > 64 KB)
+
+
+def sample_lines(documents: Iterable, size: int, seed: int, max_chars: int = 100_000_000
                  ) -> list[str]:
-  """All non-empty lines when there are at most `size`, else a uniform sample of `size`
-  (reservoir sampling: one pass, memory bounded by the sample, reproducible from seed)."""
+  """Lines to train a tokenizer on, in corpus order: all non-empty lines when they are at
+  most `size` lines and `max_chars` characters, else a sample within both bounds.
+
+  documents: strings (whole documents) or pieces of documents (data.pieces.Piece), so no
+  line is ever held whole: a line longer than SAMPLE_LINE_CHARS is sampled as parts of that
+  length, cut at spaces, so one giant line is sampled throughout. Every line (or part) has
+  the same chance to be drawn (each gets a uniform random key; the largest keys within both
+  bounds are kept), so the sample's characters are a uniform draw from the corpus's, whether
+  it holds many short lines or a few huge ones. One pass, memory bounded by the sample,
+  reproducible from seed.
+  """
   rng = random.Random(seed)
-  sample: list[str] = []
-  seen = 0
-  for doc in documents:
-    for line in doc.split(separator):
-      if not line:
-        continue
-      if len(sample) < size:
-        sample.append(line)
-      else:
-        slot = rng.randrange(seen + 1)
-        if slot < size:
-          sample[slot] = line
-      seen += 1
-  return sample
+  heap: list[tuple[float, int, str]] = []  # (key, position in the corpus, line)
+  chars = 0
+  for index, line in enumerate(_sample_units(documents)):
+    key = rng.random()
+    full = len(heap) >= size or chars + len(line) > max_chars
+    if full and heap and key <= heap[0][0]:
+      continue  # it would be the first to go
+    heapq.heappush(heap, (key, index, line))
+    chars += len(line)
+    while len(heap) > 1 and (len(heap) > size or chars > max_chars):
+      chars -= len(heapq.heappop(heap)[2])
+  return [line for _, _, line in sorted(heap, key=lambda entry: entry[1])]
+
+
+def _sample_units(documents: Iterable) -> Iterator[str]:
+  """The non-empty lines of the documents, long ones in parts of at most SAMPLE_LINE_CHARS."""
+  from gpt2jax.data.pieces import as_pieces, document_pieces
+
+  partial = ""  # the start of a line that goes on in the next piece
+  for piece in as_pieces(documents):
+    lines = (partial + piece.text).split("\n")
+    partial = "" if piece.ends_document else lines.pop()
+    if len(partial) > SAMPLE_LINE_CHARS:
+      *parts, last = document_pieces(partial, SAMPLE_LINE_CHARS)
+      lines += [part.text for part in parts]
+      partial = last.text
+    for line in lines:
+      for part in document_pieces(line, SAMPLE_LINE_CHARS):
+        if part.text:
+          yield part.text
+  if partial:
+    yield partial
 
 
 def _explain_spm_error(message: str, vocab_size: int) -> str:
@@ -245,7 +277,8 @@ def train_tokenizer(tokenizer_config, documents: Iterable[str], seed: int = 0) -
     return SentencePieceTokenizer.train(
         documents, vocab_size=tokenizer_config.vocab_size,
         character_coverage=tokenizer_config.character_coverage,
-        input_sentence_size=tokenizer_config.input_sentence_size, seed=seed,
+        input_sentence_size=tokenizer_config.input_sentence_size,
+        sample_characters=tokenizer_config.get("sample_characters", 100_000_000), seed=seed,
     )
   if kind == "hf":  # nothing to train: the file is the tokenizer
     from gpt2jax.hf_tokenizer import HFTokenizer

@@ -19,6 +19,7 @@ Which file tests which module ("slow": the tests in it marked slow; see below):
   test_flops.py        flops.py: FLOPs per token, chip peaks, MFU
   test_tokenizer.py    tokenizer.py, data/normalize.py
   test_data.py         data/tokens.py, batches.py, pipeline.py; text and packaged corpora
+  test_long_documents.py  data/pieces.py: long documents cut where ids stay those of the whole
   test_corpora.py      data/sources.py at scale (streamed, cloud paths), data/tfds_source.py
   test_hf_corpus.py    data/hf_source.py. slow: `datasets` is not imported for text corpora
   test_sampling.py     sampling.py, runs.py. slow: sample.py

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TINY_TEXT, tiny_config
 from gpt2jax.data import sources, tfds_source, tokens
+from gpt2jax.data.pieces import join_documents
 from gpt2jax.data.pipeline import prepare_data
 from gpt2jax.errors import UserError
 from gpt2jax.tokenizer import sample_lines
@@ -116,20 +117,22 @@ def test_streamed_encoding_of_a_multi_file_corpus_equals_the_in_memory_result(
   monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 100)
   monkeypatch.setattr(tokens, "ENCODE_CHUNK_CHARS", 500)
   encoded_chunks = []
-  real_encode = tokens.encode_documents
-  monkeypatch.setattr(tokens, "encode_documents",
-                      lambda tok, docs: encoded_chunks.append(sum(map(len, docs)))
-                      or real_encode(tok, docs))
+  real_encode = tokens.encode_pieces
+  monkeypatch.setattr(tokens, "encode_pieces",
+                      lambda tok, pieces: encoded_chunks.append(sum(len(p.text) for p in pieces))
+                      or real_encode(tok, pieces))
 
   data = prepare_data(config, tmp_path / "run", reuse_tokenizer=False)
+  chunks = list(encoded_chunks)
 
   docs = sources.load_documents(config.data)
   assert len(docs) == len(paragraphs)
   train_docs, val_docs = tokens.split_documents(docs, config.data.val_fraction, shuffle=True)
-  np.testing.assert_array_equal(data.train.tokens, real_encode(data.tokenizer, train_docs))
-  np.testing.assert_array_equal(data.val.tokens, real_encode(data.tokenizer, val_docs))
+  np.testing.assert_array_equal(data.train.tokens,
+                                tokens.encode_documents(data.tokenizer, train_docs))
+  np.testing.assert_array_equal(data.val.tokens, tokens.encode_documents(data.tokenizer, val_docs))
   assert isinstance(data.train.tokens, np.memmap)
-  assert len(encoded_chunks) > 5 and max(encoded_chunks) < 500 + max(map(len, docs))
+  assert len(chunks) > 5 and max(chunks) < 500 + max(map(len, docs))
 
 
 def test_tokenizer_sample_is_bounded_and_reproducible():
@@ -147,7 +150,8 @@ def test_text_documents_split_across_read_chunks_like_whole_files(tmp_path, monk
   text = "a\n\nbb\n\n\n\nccc\n\nשלום\n\n"
   path.write_text(text, encoding="utf-8")
   monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 3)  # cuts Hebrew letters and separators
-  assert list(sources.text_documents(tiny_config(path).data)) == text.split("\n\n")
+  assert list(join_documents(sources.text_documents(tiny_config(path).data))) == text.split(
+      "\n\n")
   path.write_bytes("ok\n".encode() * 5 + b"\xff")
   with pytest.raises(UserError, match="invalid byte 0xff on line 6"):
     list(sources.text_documents(tiny_config(path).data))

@@ -94,8 +94,8 @@ def test_the_corpus_is_read_once_per_pass_it_needs(tmp_path, tiny_text_file, mon
   config.tokenizer.kind = kind
   config.tokenizer.vocab_size = 340
   reads = []
-  real = sources.iter_documents
-  monkeypatch.setattr(sources, "iter_documents", lambda c: reads.append(1) or real(c))
+  real = sources.iter_pieces
+  monkeypatch.setattr(sources, "iter_pieces", lambda c: reads.append(1) or real(c))
   first = prepare_data(config, tmp_path, reuse_tokenizer=False)
   assert len(reads) == passes
   reads.clear()
@@ -103,7 +103,7 @@ def test_the_corpus_is_read_once_per_pass_it_needs(tmp_path, tiny_text_file, mon
   assert len(reads) == 1
   np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
   if kind == "char":  # every character of both splits, and nothing else
-    text = "".join(real(config.data))
+    text = "".join(piece.text for piece in real(config.data))
     assert first.tokenizer.chars == "".join(sorted(set(text)))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import jax
 import numpy as np
@@ -71,6 +72,54 @@ def test_sliding_windows_score_each_token_once(num_targets, block, stride):
     scoring.sliding_windows(10, block, block + 1)
 
 
+def test_windows_built_while_the_ids_arrive_are_the_sliding_windows():
+  rng = random.Random(0)
+  for _ in range(300):
+    n, block = rng.randrange(1, 120), rng.choice([4, 8, 16])
+    stride = rng.randrange(1, block + 1)
+    ids = np.arange(1, n + 1)
+    chunks = np.split(ids, sorted(rng.sample(range(1, n), min(n - 1, rng.randrange(8)))))
+    seq = np.concatenate([[0], ids])
+    want = [(seq[w.start:w.end], seq[w.start + 1:w.end + 1], w.first_target - w.start - 1)
+            for w in scoring.sliding_windows(n, block, stride)]
+    got = list(scoring.stream_windows(chunks, block, stride, eos_id=0))
+    assert len(got) == len(want), (n, block, stride)
+    for (inputs, targets, first), (want_inputs, want_targets, want_first) in zip(got, want):
+      np.testing.assert_array_equal(inputs, want_inputs)
+      np.testing.assert_array_equal(targets, want_targets)
+      assert first == want_first
+
+
+def test_a_file_is_scored_a_piece_at_a_time_with_the_numbers_of_the_whole(
+    loaded, tmp_path, monkeypatch):
+  """Streaming changes nothing but memory: the ids and the nats of the whole text."""
+  text = "".join(f"ROMEO {i}: שלום עולם, hello world number {i % 7}.\n" for i in range(40))
+  path = tmp_path / "long.txt"
+  path.write_text(text, encoding="utf-8")
+  monkeypatch.setattr(scoring, "EVALUATE_PIECE_CHARS", 100)
+  encoded = []
+  real_encode = loaded.tokenizer.encode
+  monkeypatch.setattr(loaded.tokenizer, "encode", lambda t: encoded.append(len(t)) or
+                      real_encode(t))
+  result = scoring.score_file(loaded, path, stride=5, batch_size=4, progress=False)
+  assert len(encoded) > 10 and max(encoded) <= 100  # never the whole text at once
+  ids = real_encode(text)
+  nats = scoring.token_nats(loaded.model, loaded.params, ids, eos_id=loaded.tokenizer.eos_id,
+                            pad_id=loaded.tokenizer.pad_id, stride=5, batch_size=4)
+  assert result.score.tokens == len(ids) and result.score.bytes == len(text.encode())
+  assert result.score.total_nats == pytest.approx(float(nats.sum()), rel=1e-12)
+  assert not result.normalized and result.raw_characters == len(text)
+
+
+def test_a_batch_of_windows_keeps_its_logits_within_a_budget():
+  from gpt2jax.model import GPTConfig
+
+  gpt2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+  small = GPTConfig(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256)
+  assert scoring.default_batch_size(gpt2) == 1  # 206 MB of logits a window
+  assert scoring.default_batch_size(small) == 32  # 4 MB a window
+
+
 @pytest.mark.slow
 def test_evaluate_command_prints_json(trained_workdir, tmp_path):
   text_file = tmp_path / "held_out.txt"
@@ -80,6 +129,8 @@ def test_evaluate_command_prints_json(trained_workdir, tmp_path):
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout)
   assert report["step"] == 40 and report["stride"] == 4
+  assert "read 8.0x by the model" in result.stderr  # block 32, stride 4
+  assert "scoring" in result.stderr and "100%" in result.stderr  # the progress bar
   assert report["characters"] == report["tokens"] == 42 * 3
   assert report["bytes"] == len(text_file.read_bytes())
   assert report["bits_per_byte"] == pytest.approx(

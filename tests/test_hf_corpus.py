@@ -13,7 +13,8 @@ import pytest
 
 from conftest import REPO, TINY_TEXT, tiny_config
 from gpt2jax import train_lib
-from gpt2jax.data import hf_source, sources
+from gpt2jax import tokenizer as tokenizer_lib
+from gpt2jax.data import hf_source, pieces, sources, tokens
 from gpt2jax.data.pipeline import prepare_data
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import read_metrics
@@ -179,6 +180,39 @@ def test_hf_corpus_encodes_like_the_same_text_from_a_file(tmp_path):
   shutil.copytree(path, tmp_path / "copy")
   prepare_data(_hf_config(tmp_path / "copy"), tmp_path / "a", reuse_tokenizer=True)
   assert fingerprint() != before
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_long_rows_are_encoded_in_bounded_pieces_with_the_ids_of_whole_rows(
+    tmp_path, monkeypatch, kind):
+  """A row is one document held whole, but every pass after reading it works on pieces: the
+  tokenizer never sees more than a piece, and the ids are those of each whole row."""
+  rows = [TINY_TEXT, TINY_TEXT.upper().replace("\n\n", "\n")]
+  path = _save(datasets.Dataset.from_dict({"text": rows}), tmp_path / "long_rows")
+  monkeypatch.setattr(pieces, "PIECE_CHARS", 400)
+  cls, method = ((tokenizer_lib.CharTokenizer, "encode_array") if kind == "char" else
+                 (tokenizer_lib.SentencePieceTokenizer, "encode_batch"))
+  real, longest = getattr(cls, method), []
+
+  def spy(self, texts):
+    longest.append(max(map(len, [texts] if isinstance(texts, str) else texts), default=0))
+    return real(self, texts)
+
+  monkeypatch.setattr(cls, method, spy)
+  config = _hf_config(path, tokenizer__kind=kind, tokenizer__vocab_size=400)
+  data = prepare_data(config, tmp_path / "run", reuse_tokenizer=False)
+  monkeypatch.setattr(cls, method, real)
+  assert data.num_documents == 2 and 0 < max(longest) <= 400
+  train_chars = tokens.plan_split([len(r) for r in rows], config.data.val_fraction,
+                                  config.data.shuffle_documents)
+  eos = [data.tokenizer.eos_id]
+  expected = {"train": [], "val": []}
+  for train_part, val_part in tokens.split_parts(rows, train_chars):
+    for name, part in (("train", train_part), ("val", val_part)):
+      if part:
+        expected[name] += data.tokenizer.encode(part) + eos
+  assert data.train.tokens.tolist() == expected["train"]
+  assert data.val.tokens.tolist() == expected["val"]
 
 
 def test_tiny_run_on_a_saved_dataset_learns_and_caches_its_tokens(tmp_path):

@@ -37,12 +37,12 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   reuse_tokenizer: load the workdir's tokenizer (a resumed run must keep its vocabulary)
   instead of training one on the corpus.
 
-  The corpus is streamed, never held in memory: once to measure it (and collect a char
-  vocabulary's characters), once for a BPE tokenizer's (bounded) training sample, once to
-  encode it when the token cache does not match.
+  The corpus is streamed in pieces of documents (data/pieces.py), never held in memory: once
+  to measure it (and collect a char vocabulary's characters), once for a BPE tokenizer's
+  (bounded) training sample, once to encode it when the token cache does not match.
   """
   def read():
-    return sources.iter_documents(config.data)
+    return sources.iter_pieces(config.data)
 
   if note := sources.source_note(config.data):
     print(note, file=sys.stderr)
@@ -60,10 +60,11 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
     if char_vocabulary:
       text = ["".join(sorted(scan.characters))]
     else:
-      text = (part for part, _ in tokens.split_parts(read(), train_chars) if part)
+      text = (piece for split, piece in tokens.split_pieces(read(), train_chars)
+              if split == "train")
     tokenizer = tokenizer_lib.train_tokenizer(config.tokenizer, text, seed=config.seed)
     if tokenizer.kind == "hf":
-      _note_inexact_round_trip(tokenizer, read())
+      _note_inexact_round_trip(tokenizer, (piece.text for piece in read()))
     tokenizer.save(tokenizer_dir)
   else:
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
@@ -72,12 +73,21 @@ def prepare_data(config, workdir: Path, *, reuse_tokenizer: bool) -> PreparedDat
   return PreparedData(tokenizer, train, val, scan.num_documents, scan.num_characters, trained)
 
 
-def _note_inexact_round_trip(tokenizer, documents, how_many: int = 200) -> None:
+def _note_inexact_round_trip(tokenizer, texts, how_many: int = 200,
+                             characters: int = 1 << 20) -> None:
   """A tokenizer.json may not give back the text it encodes (lower-casing, unknown tokens):
-  say so once, with an example from the corpus."""
+  say so once, with an example from the corpus (its first pieces of text, a bounded amount)."""
   from gpt2jax.hf_tokenizer import round_trip_failure
 
-  failure = round_trip_failure(tokenizer, itertools.islice(documents, how_many))
+  def first():
+    seen = 0
+    for text in itertools.islice(texts, how_many):
+      if seen >= characters:
+        return
+      yield text
+      seen += len(text)
+
+  failure = round_trip_failure(tokenizer, first())
   if failure is not None:
     decoded = tokenizer.decode(tokenizer.encode(failure))
     print(f"note: this tokenizer does not give its text back exactly (e.g. {failure[:40]!r} "

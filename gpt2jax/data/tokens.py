@@ -9,8 +9,11 @@ one-document corpus this is nanoGPT's "first 90% train, last 10% validation".
 Each split is stored as one flat array of ids with end-of-text after every document:
 `<workdir>/data/{train,val}.bin` plus `tokens.json` (dtype, lengths, byte counts and a
 fingerprint of corpus + tokenizer; a changed corpus or tokenizer re-encodes). A corpus is read
-as a stream, three times (lengths, tokenizer sample, encoding), and encoded in chunks appended
-to the files, so memory stays bounded however large the corpus; the files are memory-mapped.
+as a stream of pieces of documents (pieces.py), three times (lengths, tokenizer sample,
+encoding), and encoded a chunk of pieces at a time appended to the files, so memory stays
+bounded however large the corpus or any document of it; the files are memory-mapped. A long
+document is encoded piece by piece, cut where that keeps its ids (pieces.py says where it
+may not; such cuts are counted in tokens.json and reported).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import dataclasses
 import hashlib
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from gpt2jax import errors
+from gpt2jax.data.pieces import CHECK_CHARS, Piece, as_pieces, cut_changes_ids
 from gpt2jax.tokenizer import Tokenizer, tokenizer_fingerprint
 from gpt2jax.workdir import atomic_path, write_atomic
 
@@ -62,17 +67,23 @@ class CorpusScan:
     return sum(self.lengths)
 
 
-def scan_corpus(documents: Iterable[str], collect_characters: bool = False) -> CorpusScan:
+def scan_corpus(documents: Iterable[Piece | str], collect_characters: bool = False
+                ) -> CorpusScan:
   """One pass: document lengths, a content digest and, if asked, the set of characters (all a
   char vocabulary needs, so building one costs no second pass over the corpus)."""
   lengths = array.array("q")
-  digest = hashlib.sha256()
+  digest, document_digest = hashlib.sha256(), hashlib.sha256()
+  length = 0
   characters = set() if collect_characters else None
-  for doc in documents:
-    lengths.append(len(doc))
-    digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
+  for piece in as_pieces(documents):
+    length += len(piece.text)
+    document_digest.update(piece.text.encode("utf-8"))
     if characters is not None:
-      characters.update(doc)
+      characters.update(piece.text)
+    if piece.ends_document:
+      lengths.append(length)
+      digest.update(document_digest.digest())
+      document_digest, length = hashlib.sha256(), 0
   return CorpusScan(lengths, digest.hexdigest(),
                     frozenset(characters) if characters is not None else None)
 
@@ -101,6 +112,24 @@ def split_parts(documents: Iterable[str], train_chars: np.ndarray
     yield doc[:keep], doc[keep:]
 
 
+def split_pieces(pieces: Iterable[Piece], train_chars: np.ndarray
+                 ) -> Iterator[tuple[str, Piece]]:
+  """The pieces of each document tagged 'train' or 'val' (its first train_chars[i]
+  characters, and the rest), as split_parts cuts whole documents: a document cut in two
+  becomes two, each ending with end-of-text."""
+  doc = offset = 0
+  for piece in pieces:
+    keep, end = int(train_chars[doc]), offset + len(piece.text)
+    if offset < keep:  # the training part is never empty: it ends in the piece holding keep
+      yield "train", Piece(piece.text[:keep - offset], keep <= end)
+    val_text = piece.text[max(keep - offset, 0):]
+    if val_text or (piece.ends_document and end > keep):
+      yield "val", Piece(val_text, piece.ends_document)
+    offset = end
+    if piece.ends_document:
+      doc, offset = doc + 1, 0
+
+
 def split_documents(docs: Sequence[str], val_fraction: float, shuffle: bool
                     ) -> tuple[list[str], list[str]]:
   """Deterministic train/validation split of the documents by characters."""
@@ -119,14 +148,26 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> np.ndarray:
+  """The ids of pieces of documents in one array, end-of-text after each document's last."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  texts = [piece.text for piece in pieces]
+  if hasattr(tokenizer, "encode_array"):  # the char tokenizer: no Python lists
+    encoded = [tokenizer.encode_array(t) for t in texts]
+  else:
+    encoded = tokenizer.encode_batch(texts)
+  eos = np.array([tokenizer.eos_id], dtype=dtype)
+  arrays = []
+  for piece, ids in zip(pieces, encoded):
+    arrays.append(np.asarray(ids, dtype=dtype))
+    if piece.ends_document:
+      arrays.append(eos)
+  return np.concatenate(arrays) if arrays else np.zeros((0,), dtype)
+
+
 def encode_documents(tokenizer: Tokenizer, docs: Sequence[str]) -> np.ndarray:
   """All documents' ids in one array, each document followed by end-of-text."""
-  dtype = token_dtype(tokenizer.vocab_size)
-  pieces = []
-  for ids in tokenizer.encode_batch(docs):
-    pieces.append(np.asarray(ids, dtype=dtype))
-    pieces.append(np.array([tokenizer.eos_id], dtype=dtype))
-  return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
+  return encode_pieces(tokenizer, [Piece(doc, True) for doc in docs])
 
 
 ENCODE_CHUNK_CHARS = 8_000_000  # text encoded at once; bounds the memory of encoding
@@ -141,36 +182,43 @@ def cache_fingerprint(corpus_digest: str, tokenizer: Tokenizer, settings: dict) 
 
 
 class _SplitWriter:
-  """Appends encoded documents of one split to a file, a chunk at a time."""
+  """Appends encoded pieces of one split to a file, a chunk at a time, and checks each cut
+  inside a document (pieces.cut_changes_ids)."""
 
   def __init__(self, path: Path, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
     self.file = open(path, "wb")
-    self.pending: list[str] = []
+    self.pending: list[Piece] = []
     self.pending_chars = self.num_tokens = self.num_bytes = 0
+    self.tail: str | None = None  # the end of the last piece, while its document goes on
+    self.cuts = self.changed_cuts = 0
 
-  def add(self, doc: str) -> None:
-    if doc:
-      self.pending.append(doc)
-      self.pending_chars += len(doc)
-      if self.pending_chars >= ENCODE_CHUNK_CHARS:
-        self.flush()
+  def add(self, piece: Piece) -> None:
+    if self.tail is not None and piece.text:
+      self.cuts += 1
+      self.changed_cuts += cut_changes_ids(self.tokenizer, self.tail, piece.text)
+    self.tail = None if piece.ends_document else ((self.tail or "") + piece.text)[-CHECK_CHARS:]
+    self.pending.append(piece)
+    self.pending_chars += len(piece.text)
+    if self.pending_chars >= ENCODE_CHUNK_CHARS:
+      self.flush()
 
   def flush(self) -> None:
     if self.pending:
-      ids = encode_documents(self.tokenizer, self.pending)
+      ids = encode_pieces(self.tokenizer, self.pending)
       ids.tofile(self.file)
       self.num_tokens += len(ids)
-      self.num_bytes += sum(len(d.encode("utf-8")) for d in self.pending)
+      self.num_bytes += sum(len(p.text.encode("utf-8")) for p in self.pending)
     self.pending, self.pending_chars = [], 0
 
   def close(self) -> dict:
     self.flush()
     self.file.close()
-    return {"num_tokens": self.num_tokens, "num_bytes": self.num_bytes}
+    return {"num_tokens": self.num_tokens, "num_bytes": self.num_bytes,
+            "cuts": self.cuts, "cuts_that_change_ids": self.changed_cuts}
 
 
-def _encode_to_files(cache_dir: Path, tokenizer: Tokenizer, documents: Iterable[str],
+def _encode_to_files(cache_dir: Path, tokenizer: Tokenizer, pieces: Iterable[Piece],
                      train_chars: np.ndarray, num_characters: int) -> dict:
   from tqdm import tqdm
 
@@ -179,19 +227,28 @@ def _encode_to_files(cache_dir: Path, tokenizer: Tokenizer, documents: Iterable[
                                   tokenizer) for name in SPLITS}
     with tqdm(total=num_characters, unit="char", unit_scale=True, desc="encoding",
               disable=None, leave=False) as progress:
-      for train_part, val_part in split_parts(documents, train_chars):
-        writers["train"].add(train_part)
-        writers["val"].add(val_part)
-        progress.update(len(train_part) + len(val_part))
-    return {name: writer.close() for name, writer in writers.items()}
+      for name, piece in split_pieces(pieces, train_chars):
+        writers[name].add(piece)
+        progress.update(len(piece.text))
+    splits = {name: writer.close() for name, writer in writers.items()}
+  cuts = sum(s["cuts"] for s in splits.values())
+  changed = sum(s["cuts_that_change_ids"] for s in splits.values())
+  if changed:
+    print(f"note: long documents were encoded in pieces, and at {changed:,} of the {cuts:,} "
+          f"cuts this {tokenizer.kind!r} tokenizer gives other ids than it would for the "
+          "whole document (a few tokens each; see gpt2jax/data/pieces.py for where cuts go).",
+          file=sys.stderr)
+  return splits
 
 
-def cached_splits(cache_dir: Path, tokenizer: Tokenizer, read_documents: Callable[[], Iterable[str]],
+def cached_splits(cache_dir: Path, tokenizer: Tokenizer,
+                  read_documents: Callable[[], Iterable[Piece]],
                   scan: CorpusScan, train_chars: np.ndarray, settings: dict
                   ) -> tuple[Split, Split]:
   """Encoded train and validation splits, from the cache when corpus and tokenizer match.
 
-  read_documents() streams the corpus again; nothing is held in memory but one chunk.
+  read_documents() streams the corpus again (pieces of documents); nothing is held in
+  memory but one chunk.
   """
   cache_dir = Path(cache_dir)
   fingerprint = cache_fingerprint(scan.digest, tokenizer, settings)
