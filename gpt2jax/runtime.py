@@ -33,6 +33,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _applied: bool | None = None
+_libc = None  # glibc, once tune_allocator has tuned it
 
 CACHE_ENV = "GPT2JAX_COMPILATION_CACHE"
 _CACHE_MAX_BYTES = 2 * 2**30  # least recently used entries go beyond this
@@ -90,7 +91,19 @@ def tune_allocator() -> bool:
   ok &= mallopt(_M_MMAP_MAX, 0) == 1
   ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
   _applied = bool(ok)
+  global _libc
+  _libc = libc if _applied else None
   return _applied
+
+
+def release_free_memory() -> None:
+  """Gives the heap's free pages back to the system (glibc's malloc_trim), which the settings
+  above otherwise keep for the process's life. For long loops other than the train step
+  (scoring a large file), whose churn of Python and numpy objects would otherwise keep the
+  high-water mark of everything freed so far; each call costs page faults when the memory is
+  used again, so call it seconds apart, not per step."""
+  if _libc is not None:
+    _libc.malloc_trim(0)
 
 
 def apply() -> None:

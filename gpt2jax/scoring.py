@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from gpt2jax import runtime
 from gpt2jax.data import sources
 from gpt2jax.errors import UserError
 from gpt2jax.metrics import LN2, perplexity
@@ -195,6 +196,7 @@ def read_text_file(path: str | Path) -> str:
   return sources.read_utf8(check_text_file(path))
 
 
+TRIM_EVERY_SECONDS = 20  # how often scoring hands freed memory back (runtime.release_free_memory)
 LOGITS_BUDGET_BYTES = 128 << 20  # float32 logits of one batch of windows, at most
 
 
@@ -253,11 +255,15 @@ def _score(loaded, raw_pieces: Iterable[str], *, stride: int, batch_size: int,
            ) -> tuple[TextScore, _Reading]:
   tokenizer, reading = loaded.tokenizer, _Reading()
   total_nats, scored = 0.0, 0
+  trimmed = time.monotonic()
   for nats in scored_nats(loaded.model, loaded.params, _encoded(loaded, raw_pieces, reading),
                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, stride=stride,
                           batch_size=batch_size):
     total_nats += float(nats.sum())
     scored += len(nats)
+    if time.monotonic() - trimmed > TRIM_EVERY_SECONDS:  # memory bounded whatever the length
+      runtime.release_free_memory()
+      trimmed = time.monotonic()
     if on_progress:
       on_progress(reading, scored)
   if not reading.characters:

@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,23 @@ def test_allocator_settings_are_applied_when_gpt2jax_is_imported():
   before = _bytes_malloc_got_from_mmap()
   block = np.ones(64 << 20, np.uint8)  # through malloc
   assert _bytes_malloc_got_from_mmap() - before < block.nbytes
+
+
+def _resident_bytes() -> int:
+  return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_memory_gives_the_freed_heap_back():
+  """Catches runtime.release_free_memory doing nothing: the allocator settings keep freed
+  memory in the process, and scoring a large file relies on this call to stay bounded."""
+  if not runtime.tune_allocator():
+    pytest.skip("the allocator settings are off (GPT2JAX_NO_MALLOPT=1): free() returns memory")
+  block = np.ones(64 << 20, np.uint8)  # touched, so resident
+  del block  # freed, but kept by the process
+  kept = _resident_bytes()
+  runtime.release_free_memory()
+  assert kept - _resident_bytes() > 32 << 20
 
 
 @pytest.mark.parametrize("env, expected", [
