@@ -66,10 +66,10 @@ def machine() -> dict:
     pass
   return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
           "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
-          "python": platform.python_version(), "load_average": _load()}
+          "python": platform.python_version(), "load_average": load_average()}
 
 
-def _load():
+def load_average() -> list[float] | None:
   try:
     return list(os.getloadavg())
   except OSError:

@@ -99,7 +99,7 @@ def main(argv):
     results["recipe"] = r
     _row("nanoGPT CPU recipe: wall time (2000 steps)", f"{r['wall_seconds']:.1f} s", "",
          f"val loss {r['val_loss']:.4f} at step {r['final_step']}")
-  results["machine"]["load_average_after"] = _load()
+  results["machine"]["load_average_after"] = measure.load_average()
   out_dir = Path(_OUT.value)
   out_dir.mkdir(parents=True, exist_ok=True)
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
