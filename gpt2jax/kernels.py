@@ -119,7 +119,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 class Dropout(nn.Module):
   """Inverted dropout whose mask costs a quarter of flax's nn.Dropout to draw: one 32-bit
-  threefry word decides four elements, a byte each.
+  threefry word decides four elements, a byte each (`keep_mask`).
 
   The keep probability is rounded to a multiple of 1/256 (0.8 -> 205/256; rates below 1/512
   drop nothing) and kept values are scaled by that rounded probability, so the expected
@@ -130,16 +130,30 @@ class Dropout(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    threshold = round((1.0 - self.rate) * 256)  # a byte below it keeps its element
+    threshold = keep_threshold(self.rate)
     if deterministic or threshold >= 256:
       return x
-    *lead, last = x.shape
-    if last % 4:
-      return nn.Dropout(self.rate)(x, deterministic=False)
-    # Bits shaped like x (last axis / 4) keep x's sharding; each word splits into 4 bytes.
-    words = jax.random.bits(self.make_rng("dropout"), (*lead, last // 4), jnp.uint32)
-    keep = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape) < threshold
-    return jnp.where(keep, x / jnp.asarray(threshold / 256, x.dtype), jnp.zeros_like(x))
+    return apply_keep(x, keep_mask(self.make_rng("dropout"), x.shape, threshold), threshold)
+
+
+def keep_threshold(rate: float) -> int:
+  """Dropout's keep rule: an element whose random byte is below this is kept."""
+  return round((1.0 - rate) * 256)
+
+
+def keep_mask(key, shape, threshold: int):
+  """Which elements dropout keeps (bool, `shape`): a random byte per element, 4 per 32-bit
+  word, kept when below `threshold`. The bits are shaped like the mask (last axis / 4), so
+  they keep its sharding."""
+  *lead, last = shape
+  words = jax.random.bits(key, (*lead, -(-last // 4)), jnp.uint32)
+  bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(*lead, -1)
+  return (bytes_ if bytes_.shape[-1] == last else bytes_[..., :last]) < threshold
+
+
+def apply_keep(x, keep, threshold: int):
+  """x with the dropped elements zeroed and the kept ones scaled by 256 / threshold."""
+  return jnp.where(keep, x / jnp.asarray(threshold / 256, x.dtype), jnp.zeros_like(x))
 
 
 # ---- Attention -------------------------------------------------------------------------------
@@ -158,25 +172,38 @@ def attention(q, k, v, *, past=None, mask=None, dropout_rate: float = 0.0,
   The path, chosen here and nowhere else:
   - with a cache: `softmax_weights` over two segments, the cache's slots and the new keys,
     so the cache is read as it is and never copied (see `cache_update` for the write);
-  - with dropout on the weights (training, dropout_rate > 0) or when the weights are
-    returned (attention maps): `softmax_weights` over the causal mask, the one place the
-    weights exist whole; the dropout is a `Dropout` submodule of the calling flax module, so
-    call this from inside a module's compact method;
+  - when the weights are returned (attention maps): `softmax_weights` over the causal mask,
+    the one place the weights exist whole, dropped by a `Dropout` submodule while training;
+  - with dropout on the weights (training, dropout_rate > 0): `causal_attention_dropout`,
+    on CPU the chunked kernel dropping weights inside it, elsewhere the weights made whole
+    and dropped (jax.nn.dot_product_attention has no dropout);
   - otherwise `causal_attention`: on CPU the chunked kernel with its own gradient, on GPU and
     TPU `jax.nn.dot_product_attention`.
+  Dropout draws its rng from the calling flax module (a submodule's make_rng), so call this
+  from inside a module's compact method.
   """
   if past is not None:
     past_k, past_v, past_visible = past
     weights = softmax_weights(q, (past_k, k), (past_visible, mask), _scale(q))
     return weighted_values(weights, (past_v, v)), weights if return_weights else None
   drop_weights = dropout_rate > 0.0 and not deterministic
-  if not (drop_weights or return_weights):
-    return causal_attention(q, k, v), None
-  time = q.shape[2]
-  weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),),
-                            _scale(q))
-  kept = Dropout(dropout_rate)(weights, deterministic=not drop_weights)
-  return weighted_values(kept, (v,)), weights if return_weights else None
+  if return_weights:
+    time = q.shape[2]
+    weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),),
+                              _scale(q))
+    kept = Dropout(dropout_rate)(weights, deterministic=not drop_weights)
+    return weighted_values(kept, (v,)), weights
+  if drop_weights and keep_threshold(dropout_rate) < 256:
+    return causal_attention_dropout(q, k, v, _DropoutKey()(), dropout_rate), None
+  return causal_attention(q, k, v), None
+
+
+class _DropoutKey(nn.Module):
+  """A fresh key from the calling module's "dropout" rng stream (its own name in the path)."""
+
+  @nn.compact
+  def __call__(self):
+    return self.make_rng("dropout")
 
 
 def softmax_weights(q, key_segments, visible, scale: float | None):
@@ -301,6 +328,104 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = None):
+  """Causal softmax attention with dropout on the weights (`Dropout`'s keep rule, its masks
+  drawn from `key`), without a cache or weights to return.
+
+  On CPU the chunked kernel of `causal_attention`, each chunk's weights dropped by its mask
+  from `dropout_masks`; the masks (a byte per visible element) are kept for the backward
+  rather than drawn again. GPUs and TPUs: the [time x time] weights made whole and dropped.
+  """
+  threshold = keep_threshold(rate)
+  chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
+  q = q * jnp.asarray(_scale(q), q.dtype)
+
+  def chunked(q, k, v, key):
+    masks = dropout_masks(key, q.shape, chunks, threshold)
+    return _chunked_dropout_attention(q, k, v, masks, chunks, threshold)
+
+  def whole(q, k, v, key):
+    (mask,) = dropout_masks(key, q.shape, 1, threshold)
+    return _whole_dropout_attention(q, k, v, mask, threshold)
+
+  return jax.lax.platform_dependent(q, k, v, key, cpu=chunked, default=whole)
+
+
+def dropout_masks(key, q_shape, chunks: int, threshold: int):
+  """Per query chunk i, which of its weights [batch, heads, size, end of chunk i] dropout
+  keeps; chunk i's mask from fold_in(key, i)."""
+  batch, heads, time, _ = q_shape
+  size = time // chunks
+  return [keep_mask(jax.random.fold_in(key, i), (batch, heads, size, (i + 1) * size),
+                    threshold) for i in range(chunks)]
+
+
+def _whole_dropout_attention(q, k, v, keep, threshold: int):
+  """The plain reference and the GPU/TPU path: q already scaled, keep [b, h, time, time]."""
+  time = q.shape[2]
+  weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),), None)
+  return weighted_values(apply_keep(weights, keep, threshold), (v,))
+
+
+def _chunked_dropout_forward(q, k, v, masks, chunks: int, threshold: int):
+  size = q.shape[2] // chunks
+  weights, outputs = [], []
+  for i in range(chunks):
+    first, end = i * size, (i + 1) * size
+    visible = jnp.arange(end)[None, :] <= jnp.arange(first, end)[:, None]  # [size, end]
+    w = softmax_weights(q[:, :, first:end], (k[:, :, :end],), (visible,), None)
+    weights.append(w)
+    outputs.append(weighted_values(apply_keep(w, masks[i], threshold), (v[:, :, :end],)))
+  out = outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
+  return out, weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_dropout_attention(q, k, v, masks, chunks: int, threshold: int):
+  return _chunked_dropout_forward(q, k, v, masks, chunks, threshold)[0]
+
+
+def _chunked_dropout_attention_fwd(q, k, v, masks, chunks: int, threshold: int):
+  out, weights = _chunked_dropout_forward(q, k, v, masks, chunks, threshold)
+  return out, (q, k, v, masks, out, weights)
+
+
+def _chunked_dropout_attention_bwd(chunks: int, threshold: int, residuals, d_out):
+  """`_chunked_attention_bwd` with the dropped weights D = keep(P) · 256/threshold in the
+  output: dV = Dᵀ dO, and the softmax sees dP = keep(dO Vᵀ) · 256/threshold. The correction
+  rowsum(dP * P) is still rowsum(dO * O), since O = D V."""
+  q, k, v, masks, out, weights = residuals
+  size = q.shape[2] // chunks
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  d_out_t = _BARRIER(d_out.swapaxes(2, 3))  # [batch, heads, head_dim, time]
+  q_t = _BARRIER(q.swapaxes(2, 3))
+  d_k_t = jnp.zeros(k.shape[:2] + (k.shape[3], k.shape[2]), jnp.float32)
+  d_v_t = jnp.zeros_like(d_k_t)
+  d_q = []
+  for i in range(chunks):
+    first, end = i * size, (i + 1) * size
+    w, keep = weights[i], masks[i]  # [batch, heads, size, end]
+    d_dropped = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end],
+                           preferred_element_type=jnp.float32)
+    d_scores = w * (apply_keep(d_dropped, keep, threshold) - delta[:, :, first:end, None])
+    d_q.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end],
+                          preferred_element_type=jnp.float32))
+    d_v_t = d_v_t.at[:, :, :, :end].add(jnp.einsum(
+        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end],
+        apply_keep(w, keep, threshold).astype(d_out.dtype),
+        preferred_element_type=jnp.float32))
+    d_k_t = d_k_t.at[:, :, :, :end].add(jnp.einsum(
+        "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype),
+        preferred_element_type=jnp.float32))
+  d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
+  return (d_q.astype(q.dtype), d_k_t.swapaxes(2, 3).astype(k.dtype),
+          d_v_t.swapaxes(2, 3).astype(v.dtype), [None] * chunks)
+
+
+_chunked_dropout_attention.defvjp(_chunked_dropout_attention_fwd,
+                                  _chunked_dropout_attention_bwd)
 
 
 # ---- KV cache --------------------------------------------------------------------------------

@@ -134,20 +134,89 @@ def test_attention_weights_dropout_drops_weights_only_while_training():
   assert abs(float(jnp.mean(ones)) - 1) < 0.02 and float(jnp.std(ones)) > 0.1
 
 
-@pytest.mark.parametrize("options, fast", [
-    (dict(), True),
-    (dict(dropout_rate=0.2, deterministic=True), True),
-    (dict(dropout_rate=0.2, deterministic=False), False),
-    (dict(return_weights=True), False),
+@pytest.mark.parametrize("options, path", [
+    (dict(), "causal_attention"),
+    (dict(dropout_rate=0.2, deterministic=True), "causal_attention"),
+    (dict(dropout_rate=0.2, deterministic=False), "causal_attention_dropout"),
+    (dict(return_weights=True), None),
+    (dict(return_weights=True, dropout_rate=0.2, deterministic=False), None),
 ])
-def test_attention_takes_the_fast_kernel_exactly_when_nothing_needs_the_weights(
-    monkeypatch, options, fast):
+def test_attention_takes_a_fast_kernel_exactly_when_nothing_needs_the_weights(
+    monkeypatch, options, path):
   calls = []
   monkeypatch.setattr(kernels, "causal_attention",
-                      lambda *a: calls.append(1) or _reference_attention(*a))
+                      lambda *a: calls.append("causal_attention") or _reference_attention(*a))
+  monkeypatch.setattr(kernels, "causal_attention_dropout", lambda q, k, v, *_: (
+      calls.append("causal_attention_dropout") or _reference_attention(q, k, v)))
   q, k, v = _normal((1, 2, 32, 8), (1, 2, 32, 8), (1, 2, 32, 8))
   _attend(q, k, v, **options)
-  assert bool(calls) == fast
+  assert calls == ([path] if path else [])
+
+
+def _whole_masks(masks, time):
+  """The chunk masks of kernels.dropout_masks as one [batch, heads, time, time] mask."""
+  return jnp.concatenate([jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, time - m.shape[3])))
+                          for m in masks], axis=2)
+
+
+def _reference_dropout_attention(q, k, v, keep, rate):
+  """Causal attention with the weights dropped by `keep`, by plain jax ops."""
+  threshold = round((1 - rate) * 256)
+  time = q.shape[2]
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  scores = jnp.where(jnp.tril(jnp.ones((time, time), bool)), scores, -jnp.inf)
+  weights = jnp.where(keep, jax.nn.softmax(scores, axis=-1) * 256 / threshold, 0.0)
+  return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_attention_dropout_kernel_matches_a_reference_with_its_mask_values_and_gradients(
+    chunks):
+  q, k, v = _normal((2, 3, 64, 8), (2, 3, 64, 8), (2, 3, 64, 8))
+  key, rate = jax.random.key(3), 0.3
+  keep = _whole_masks(kernels.dropout_masks(key, q.shape, chunks, round(0.7 * 256)), 64)
+  _assert_same_values_and_gradients(
+      lambda *a: kernels.causal_attention_dropout(*a, key, rate, chunks),
+      lambda *a: _reference_dropout_attention(*a, keep, rate), (q, k, v))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.2, 0.5])
+def test_attention_dropout_keeps_weights_at_its_rate_each_scaled_exactly(rate):
+  """With the values the identity (head_dim = time), the output is the dropped weights."""
+  time = 128
+  q, k = _normal((4, 4, time, time), (4, 4, time, time))
+  v = jnp.broadcast_to(jnp.eye(time), q.shape)
+  dropped = np.asarray(kernels.causal_attention_dropout(q, k, v, jax.random.key(0), rate))
+  weights = np.asarray(_reference_dropout_attention(q, k, v, True, 0.0))  # no dropout
+  visible = np.broadcast_to(np.tril(np.ones((time, time), bool)), q.shape)
+  kept = dropped[visible] != 0
+  assert abs(1 - kept.mean() - rate) < 0.01
+  scale = 256 / round((1 - rate) * 256)
+  np.testing.assert_allclose(dropped[visible][kept], weights[visible][kept] * scale,
+                             rtol=1e-5)
+  assert (dropped[~visible] == 0).all()
+
+
+class _AttendTwice(nn.Module):
+  """Two attention calls in one module, as two layers of the model: each its own rng."""
+
+  @nn.compact
+  def __call__(self, q, k, v):
+    options = dict(dropout_rate=0.5, deterministic=False)
+    return (kernels.attention(q, k, v, **options)[0], kernels.attention(q, k, v, **options)[0])
+
+
+def test_attention_dropout_masks_differ_across_rngs_and_layers():
+  q, k, v = _normal((2, 3, 64, 8), (2, 3, 64, 8), (2, 3, 64, 8))
+  apply = lambda seed: _AttendTwice().apply({}, q, k, v, rngs={"dropout": jax.random.key(seed)})
+  first, second = apply(0)
+  again, _ = apply(0)
+  other, _ = apply(1)
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, second, atol=1e-3)
+  assert not np.allclose(first, other, atol=1e-3)
+  masks = kernels.dropout_masks(jax.random.key(0), (2, 3, 128, 8), 4, 128)
+  assert not any(np.array_equal(masks[i][..., :32], masks[i + 1][..., :32]) for i in range(3))
 
 
 def _exported_text(fn, platform, *args):
@@ -164,6 +233,10 @@ def test_each_platform_gets_its_own_attention_and_matmul_gradient(platform):
   backward = _exported_text(jax.grad(lambda x, w: jnp.sum(kernels.linear(x, w)), (0, 1)),
                             platform, x, kernel)
   assert ("optimization_barrier" in backward) == (platform == "cpu")
+  dropped = _exported_text(
+      lambda *a: kernels.causal_attention_dropout(*a, jax.random.key(0), 0.2), platform,
+      q, k, v)
+  assert dropped.count("stablehlo.dot_general") == (8 if platform == "cpu" else 2)
 
 
 def test_chunk_count_skips_the_upper_triangle_without_tiny_chunks():
