@@ -4,9 +4,11 @@
   out for XLA CPU's fast matmul.
 - `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
   on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
-- `Dropout`: inverted dropout that draws 8 random bits per element instead of 32.
+- `Dropout`: inverted dropout that draws 8 random bits per element instead of 32; its keep
+  rule (`keep_mask`, `apply_keep`) is also the one attention dropout uses.
 - `attention`: softmax attention; it chooses its path (per platform, per dropout, with or
-  without a cache) in one place, documented there.
+  without a cache) in one place, documented there. On CPU, training with dropout takes the
+  same chunked kernel as without, the weights dropped inside it (`causal_attention_dropout`).
 - `cache_update`: writes new keys and values into a layer's KV cache only after the attention
   that read it.
 
