@@ -28,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -227,23 +226,18 @@ def _check_round_trip(config, data) -> dict:
 
 # --- the parent ---------------------------------------------------------------------------------
 
-def machine() -> dict:
-  cpu = next((line.split(":", 1)[1].strip() for line in
-              Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-             "unknown")
-  return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-          "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-          "load_average": os.getloadavg()}
-
-
 def main(argv):
   del argv
   from absl import logging
 
+  # This checkout's (`python -m benchmarks.data` imported its package before --code's path was
+  # put first), also when --code measures another one.
+  from benchmarks import results as results_lib
+
   logging.set_verbosity(logging.WARNING)
   code = Path(_CODE.value).resolve()
   tmp = Path(tempfile.mkdtemp(prefix="gpt2jax-data-bench-", dir=_TMP.value))
-  results = {"machine": machine(), "code": str(code), "shape": _SHAPE.value,
+  results = {"machine": results_lib.machine(), "code": str(code), "shape": _SHAPE.value,
              "separator": _SEPARATOR.value, "tokenizer": _TOKENIZER.value,
              "tokenizer_path": _TOKENIZER_PATH.value,
              "started": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -288,12 +282,8 @@ def main(argv):
   finally:
     if not _KEEP.value:
       shutil.rmtree(tmp, ignore_errors=True)
-  results["machine"]["load_average_after"] = os.getloadavg()
-  out_dir = Path(_OUT.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  path = out_dir / f"data-{stamp}-{socket.gethostname()}.json"
-  path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  results["machine"]["load_average_after"] = results_lib.load_average()
+  path = results_lib.write(results, _OUT.value, "data")
   print(f"load average after: {results['machine']['load_average_after']}; wrote {path}")
 
 

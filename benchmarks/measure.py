@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results
 from configs import default
 from gpt2jax import optim, runtime, sampling
 from gpt2jax.flops import gpt_flops_per_token
@@ -55,25 +54,9 @@ SHAPES = {
 
 
 def machine() -> dict:
-  """The host, its CPU and devices, versions and load average, for every result file."""
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-          "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
-          "python": platform.python_version(), "load_average": load_average()}
-
-
-def load_average() -> list[float] | None:
-  try:
-    return list(os.getloadavg())
-  except OSError:
-    return None
+  """results.machine() and the devices and jax version this process computes with."""
+  return {**results.machine(), "devices": [d.device_kind for d in jax.devices()],
+          "jax": jax.__version__}
 
 
 def stats(seconds: list[float]) -> dict:
@@ -81,10 +64,11 @@ def stats(seconds: list[float]) -> dict:
           "max": float(np.max(seconds)), "count": len(seconds)}
 
 
-def train_setup(shape: Shape):
+def train_setup(shape: Shape, optimizer_name: str = "adamw"):
   """(state, the jitted and donated train step, two random batches) for a shape."""
   model = GPT(shape.model_config())
   train_config = default.get_config().train
+  train_config.optimizer = optimizer_name
   optimizer = optim.make_optimizer(train_config)
   state = init_train_state(model, optimizer, seed=0)
   step = jax.jit(make_train_step(model, optimizer, optim.learning_rate_schedule(train_config),
@@ -97,6 +81,17 @@ def train_setup(shape: Shape):
   return state, step, batches
 
 
+def timed_steps(state, step, batches, steps: int) -> tuple:
+  """(state, seconds of each of `steps` steps), each waited for, alternating the batches."""
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, step_metrics = step(state, batches[i % 2])
+    jax.block_until_ready(step_metrics)
+    times.append(time.perf_counter() - start)
+  return state, times
+
+
 def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
   """Median step time of the jitted, donated training step after two warm-up steps."""
   config = shape.model_config()
@@ -107,12 +102,7 @@ def train_throughput(shape: Shape, steps: int, peak_flops: float) -> dict:
   compile_seconds = time.perf_counter() - compile_start
   state, step_metrics = step(state, batches[1])
   jax.block_until_ready(step_metrics)
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, step_metrics = step(state, batches[i % 2])
-    jax.block_until_ready(step_metrics)
-    times.append(time.perf_counter() - start)
+  state, times = timed_steps(state, step, batches, steps)
   tokens = shape.batch_size * shape.block_size
   step_time = stats(times)
   flops = gpt_flops_per_token(config, state.params) * tokens / step_time["median"]

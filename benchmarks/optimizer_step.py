@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -21,15 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import gpt2jax  # noqa: E402,F401  (process settings first)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+from benchmarks import measure  # noqa: E402
 from benchmarks.measure import SHAPES, Shape  # noqa: E402
-from configs import default  # noqa: E402
 from gpt2jax import optim  # noqa: E402
-from gpt2jax.model import GPT  # noqa: E402
-from gpt2jax.steps import init_train_state, make_train_step  # noqa: E402
 
 STEP_SHAPES = {"R": SHAPES["R"], "H": Shape("H", 4, 4, 256, 128, 16, 4000, dropout=0.1)}
 
@@ -40,30 +34,13 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per optimizer per round.
 
 def compiled_step(shape: Shape, optimizer_name: str):
   """(state, step, batches) after two warm-up steps."""
-  model = GPT(shape.model_config())
-  train_config = default.get_config().train
-  train_config.optimizer = optimizer_name
-  optimizer = optim.make_optimizer(train_config)
-  state = init_train_state(model, optimizer, seed=0)
-  step = jax.jit(make_train_step(model, optimizer, optim.learning_rate_schedule(train_config),
-                                 seed=0), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batches = [jnp.asarray(rng.integers(0, shape.vocab_size,
-                                      (shape.batch_size, shape.block_size + 1)), jnp.int32)
-             for _ in range(2)]
-  for batch in batches:
-    state, step_metrics = step(state, batch)
-    jax.block_until_ready(step_metrics)
+  state, step, batches = measure.train_setup(shape, optimizer_name)
+  state, _ = measure.timed_steps(state, step, batches, 2)
   return state, step, batches
 
 
 def timed_round(state, step, batches, steps: int):
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, step_metrics = step(state, batches[i % 2])
-    jax.block_until_ready(step_metrics)
-    times.append(time.perf_counter() - start)
+  state, times = measure.timed_steps(state, step, batches, steps)
   return state, statistics.median(times)
 
 

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
-import json
 import re
-import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,7 +24,7 @@ from typing import Callable
 from absl import app, flags, logging
 import jax
 
-from benchmarks import measure, peak
+from benchmarks import measure, peak, results
 
 _SHAPE = flags.DEFINE_enum("shape", "R", list(measure.SHAPES), "The benchmark shape to profile.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Profiled steps (after two warm-up steps).")
@@ -212,11 +209,7 @@ def main(argv):
     matmuls = f"{p['matmul_ms_per_step']:.2f} ms, {rate:.0f} GFLOP/s" if rate else ""
     print(f"| {p['part']:<52} | {p['ms_per_step']:8.2f} | {p['ms_per_step'] / total:6.1%} | "
           f"{matmuls}")
-  out_dir = Path(_OUT.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  path = out_dir / f"profile-{shape.name}-{stamp}-{socket.gethostname()}.json"
-  path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+  path = results.write(result, _OUT.value, f"profile-{shape.name}")
   print(f"\nwrote {path}")
 
 

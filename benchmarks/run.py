@@ -13,8 +13,6 @@ Timings on shared machines are noisy: compare numbers from one run, and look at 
 from __future__ import annotations
 
 import datetime
-import json
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +26,7 @@ import gpt2jax  # noqa: E402,F401  (process settings first)
 import jax  # noqa: E402
 
 from benchmarks import measure, peak  # noqa: E402
+from benchmarks import results as results_lib  # noqa: E402
 
 _ONLY = flags.DEFINE_list("only", ["train", "sample", "startup", "recipe"],
                           "Which benchmarks: train, sample, startup, recipe.")
@@ -99,12 +98,8 @@ def main(argv):
     results["recipe"] = r
     _row("nanoGPT CPU recipe: wall time (2000 steps)", f"{r['wall_seconds']:.1f} s", "",
          f"val loss {r['val_loss']:.4f} at step {r['final_step']}")
-  results["machine"]["load_average_after"] = measure.load_average()
-  out_dir = Path(_OUT.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  path = out_dir / f"{stamp}-{socket.gethostname()}.json"
-  path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  results["machine"]["load_average_after"] = results_lib.load_average()
+  path = results_lib.write(results, _OUT.value)
   print(f"\nload average after: {results['machine']['load_average_after']}; wrote {path}")
 
 

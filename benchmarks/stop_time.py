@@ -15,13 +15,11 @@ Prints one JSON line per try and writes benchmarks/results/stop-<recipe>-<time>.
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from benchmarks import measure
+from benchmarks import results
+
+REPO = Path(__file__).resolve().parents[1]
 
 _RECIPE = flags.DEFINE_string("recipe", "bilingual", "A recipe in configs/ (its file name).")
 _WHEN = flags.DEFINE_enum("when", "mid_interval", ["mid_interval", "before_eval"],
@@ -41,7 +41,7 @@ _TRIES = flags.DEFINE_integer("tries", 3, "How many runs to stop.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "The run's workdir (default: a temporary one).")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "More train.py flags, e.g. "
                                        "--override=--config.data.path=input.txt")
-_OUT = flags.DEFINE_string("out", str(measure.REPO / "benchmarks" / "results"),
+_OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
                            "Where the JSON goes.")
 
 _LOG_LINE = re.compile(r"^step (\d+): loss .*?([\d,]+) tokens/s")
@@ -64,12 +64,12 @@ def _signal_delay(line: str, config) -> float | None:
 
 
 def stop_once(workdir: Path, config) -> dict:
-  command = [sys.executable, str(measure.REPO / "train.py"),
-             f"--config={measure.REPO / 'configs' / (_RECIPE.value + '.py')}",
+  command = [sys.executable, str(REPO / "train.py"),
+             f"--config={REPO / 'configs' / (_RECIPE.value + '.py')}",
              f"--workdir={workdir}", *_OVERRIDES.value]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   with open(f"{workdir}.stderr", "a", encoding="utf-8") as stderr:
-    process = subprocess.Popen(command, cwd=measure.REPO, env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=stderr, text=True, encoding="utf-8")
     signalled: dict = {}
     lines: list[tuple[float, str]] = []
@@ -115,12 +115,9 @@ def main(argv):
   for _ in range(_TRIES.value):
     tries.append(stop_once(workdir, config))
     print(json.dumps(tries[-1]), flush=True)
-  started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  out = Path(_OUT.value) / f"stop-{_RECIPE.value}-{started}-{socket.gethostname()}.json"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"machine": measure.machine(), "recipe": _RECIPE.value,
-                             "when": _WHEN.value, "overrides": _OVERRIDES.value,
-                             "tries": tries}, indent=2), encoding="utf-8")
+  out = results.write({"machine": results.machine(), "recipe": _RECIPE.value,
+                       "when": _WHEN.value, "overrides": _OVERRIDES.value, "tries": tries},
+                      _OUT.value, f"stop-{_RECIPE.value}")
   print(f"wrote {out}")
 
 
