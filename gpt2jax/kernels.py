@@ -249,8 +249,34 @@ def causal_attention(q, k, v, chunks: int | None = None):
   chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
   q = q * jnp.asarray(_scale(q), q.dtype)
   return jax.lax.platform_dependent(
-      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, chunks),
+      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, (), chunks, None),
       default=_fused_attention)
+
+
+def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = None):
+  """`causal_attention` with dropout on the weights (`Dropout`'s keep rule, the masks drawn
+  from `key` by `dropout_masks`).
+
+  On CPU the same chunked kernel, each chunk's weights dropped by its mask; the masks (a
+  byte per visible weight) are kept for the backward rather than drawn again. GPUs and TPUs:
+  the [time x time] weights made whole and dropped (jax.nn.dot_product_attention has no
+  dropout).
+  """
+  threshold = keep_threshold(rate)
+  chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
+  q = q * jnp.asarray(_scale(q), q.dtype)
+
+  def chunked(q, k, v, key):
+    masks = dropout_masks(key, q.shape, chunks, threshold)
+    return _chunked_attention(q, k, v, masks, chunks, threshold)
+
+  def whole(q, k, v, key):
+    (keep,) = dropout_masks(key, q.shape, 1, threshold)
+    time = q.shape[2]
+    weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),), None)
+    return weighted_values(apply_keep(weights, keep, threshold), (v,))
+
+  return jax.lax.platform_dependent(q, k, v, key, cpu=chunked, default=whole)
 
 
 def attention_chunks(time: int) -> int:
@@ -260,6 +286,15 @@ def attention_chunks(time: int) -> int:
     if time % chunks == 0 and time // chunks >= _MIN_CHUNK:
       return chunks
   return 1
+
+
+def dropout_masks(key, q_shape, chunks: int, threshold: int) -> tuple:
+  """Per query chunk i, which of its weights [batch, heads, size, end of chunk i] dropout
+  keeps; chunk i's mask from fold_in(key, i), so each chunk draws only its visible part."""
+  batch, heads, time, _ = q_shape
+  size = time // chunks
+  return tuple(keep_mask(jax.random.fold_in(key, i), (batch, heads, size, (i + 1) * size),
+                         threshold) for i in range(chunks))
 
 
 def _scale(q) -> float:
@@ -273,8 +308,9 @@ def _fused_attention(q, k, v):
                                            is_causal=True))
 
 
-def _chunked_forward(q, k, v, chunks: int):
-  """Per query chunk i: its softmax weights over keys [0, end of chunk i), and the output."""
+def _chunked_forward(q, k, v, masks: tuple, chunks: int, threshold: int | None):
+  """Per query chunk i: its softmax weights over keys [0, end of chunk i), and the output
+  from them, dropped by masks[i] when there are masks (dropout; none: ())."""
   size = q.shape[2] // chunks
   weights, outputs = [], []
   for i in range(chunks):
@@ -282,28 +318,33 @@ def _chunked_forward(q, k, v, chunks: int):
     visible = jnp.arange(end)[None, :] <= jnp.arange(first, end)[:, None]  # [size, end]
     w = softmax_weights(q[:, :, first:end], (k[:, :, :end],), (visible,), None)
     weights.append(w)
-    outputs.append(weighted_values(w, (v[:, :, :end],)))
+    dropped = apply_keep(w, masks[i], threshold) if masks else w
+    outputs.append(weighted_values(dropped, (v[:, :, :end],)))
   out = outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
   return out, weights
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_attention(q, k, v, chunks: int):
-  return _chunked_forward(q, k, v, chunks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_attention(q, k, v, masks: tuple, chunks: int, threshold: int | None):
+  return _chunked_forward(q, k, v, masks, chunks, threshold)[0]
 
 
-def _chunked_attention_fwd(q, k, v, chunks: int):
-  out, weights = _chunked_forward(q, k, v, chunks)
-  return out, (q, k, v, out, weights)
+def _chunked_attention_fwd(q, k, v, masks: tuple, chunks: int, threshold: int | None):
+  out, weights = _chunked_forward(q, k, v, masks, chunks, threshold)
+  return out, (q, k, v, masks, out, weights)
 
 
-def _chunked_attention_bwd(chunks: int, residuals, d_out):
+def _chunked_attention_bwd(chunks: int, threshold: int | None, residuals, d_out):
   """The attention backward with every matmul in a form XLA CPU runs fast: the two that
   contract over queries (dV = P^T dO, dK = dS^T Q) are computed transposed, dV^T = dO^T P,
-  from small explicit transposes of dO and Q (never of the [time x time] weights)."""
-  q, k, v, out, weights = residuals
+  from small explicit transposes of dO and Q (never of the [time x time] weights).
+
+  With dropout the output came from the dropped weights D = keep(P) · 256/threshold: dV
+  takes D for P, and the softmax sees dP = keep(dO Vᵀ) · 256/threshold."""
+  q, k, v, masks, out, weights = residuals
   size = q.shape[2] // chunks
-  # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term.
+  # rowsum(dO * O) = rowsum(dP * P), the softmax backward's correction term (with dropout
+  # too: rowsum(dP * P) = rowsum(dO Vᵀ * D) and O = D V).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   d_out_t = _BARRIER(d_out.swapaxes(2, 3))  # [batch, heads, head_dim, time]
   q_t = _BARRIER(q.swapaxes(2, 3))
@@ -315,119 +356,25 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
     w = weights[i]  # [batch, heads, size, end]
     d_w = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end],
                      preferred_element_type=jnp.float32)
+    w_out = w  # the weights that made the output
+    if masks:
+      d_w = apply_keep(d_w, masks[i], threshold)
+      w_out = apply_keep(w, masks[i], threshold)
     d_scores = w * (d_w - delta[:, :, first:end, None])
     d_q.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end],
                           preferred_element_type=jnp.float32))
     d_v_t = d_v_t.at[:, :, :, :end].add(jnp.einsum(
-        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end], w.astype(d_out.dtype),
+        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end], w_out.astype(d_out.dtype),
         preferred_element_type=jnp.float32))
     d_k_t = d_k_t.at[:, :, :, :end].add(jnp.einsum(
         "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype),
         preferred_element_type=jnp.float32))
   d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
   return (d_q.astype(q.dtype), d_k_t.swapaxes(2, 3).astype(k.dtype),
-          d_v_t.swapaxes(2, 3).astype(v.dtype))
+          d_v_t.swapaxes(2, 3).astype(v.dtype), (None,) * len(masks))
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
-
-
-def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = None):
-  """Causal softmax attention with dropout on the weights (`Dropout`'s keep rule, its masks
-  drawn from `key`), without a cache or weights to return.
-
-  On CPU the chunked kernel of `causal_attention`, each chunk's weights dropped by its mask
-  from `dropout_masks`; the masks (a byte per visible element) are kept for the backward
-  rather than drawn again. GPUs and TPUs: the [time x time] weights made whole and dropped.
-  """
-  threshold = keep_threshold(rate)
-  chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
-  q = q * jnp.asarray(_scale(q), q.dtype)
-
-  def chunked(q, k, v, key):
-    masks = dropout_masks(key, q.shape, chunks, threshold)
-    return _chunked_dropout_attention(q, k, v, masks, chunks, threshold)
-
-  def whole(q, k, v, key):
-    (mask,) = dropout_masks(key, q.shape, 1, threshold)
-    return _whole_dropout_attention(q, k, v, mask, threshold)
-
-  return jax.lax.platform_dependent(q, k, v, key, cpu=chunked, default=whole)
-
-
-def dropout_masks(key, q_shape, chunks: int, threshold: int):
-  """Per query chunk i, which of its weights [batch, heads, size, end of chunk i] dropout
-  keeps; chunk i's mask from fold_in(key, i)."""
-  batch, heads, time, _ = q_shape
-  size = time // chunks
-  return [keep_mask(jax.random.fold_in(key, i), (batch, heads, size, (i + 1) * size),
-                    threshold) for i in range(chunks)]
-
-
-def _whole_dropout_attention(q, k, v, keep, threshold: int):
-  """The plain reference and the GPU/TPU path: q already scaled, keep [b, h, time, time]."""
-  time = q.shape[2]
-  weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),), None)
-  return weighted_values(apply_keep(weights, keep, threshold), (v,))
-
-
-def _chunked_dropout_forward(q, k, v, masks, chunks: int, threshold: int):
-  size = q.shape[2] // chunks
-  weights, outputs = [], []
-  for i in range(chunks):
-    first, end = i * size, (i + 1) * size
-    visible = jnp.arange(end)[None, :] <= jnp.arange(first, end)[:, None]  # [size, end]
-    w = softmax_weights(q[:, :, first:end], (k[:, :, :end],), (visible,), None)
-    weights.append(w)
-    outputs.append(weighted_values(apply_keep(w, masks[i], threshold), (v[:, :, :end],)))
-  out = outputs[0] if chunks == 1 else jnp.concatenate(outputs, axis=2)
-  return out, weights
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_dropout_attention(q, k, v, masks, chunks: int, threshold: int):
-  return _chunked_dropout_forward(q, k, v, masks, chunks, threshold)[0]
-
-
-def _chunked_dropout_attention_fwd(q, k, v, masks, chunks: int, threshold: int):
-  out, weights = _chunked_dropout_forward(q, k, v, masks, chunks, threshold)
-  return out, (q, k, v, masks, out, weights)
-
-
-def _chunked_dropout_attention_bwd(chunks: int, threshold: int, residuals, d_out):
-  """`_chunked_attention_bwd` with the dropped weights D = keep(P) · 256/threshold in the
-  output: dV = Dᵀ dO, and the softmax sees dP = keep(dO Vᵀ) · 256/threshold. The correction
-  rowsum(dP * P) is still rowsum(dO * O), since O = D V."""
-  q, k, v, masks, out, weights = residuals
-  size = q.shape[2] // chunks
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  d_out_t = _BARRIER(d_out.swapaxes(2, 3))  # [batch, heads, head_dim, time]
-  q_t = _BARRIER(q.swapaxes(2, 3))
-  d_k_t = jnp.zeros(k.shape[:2] + (k.shape[3], k.shape[2]), jnp.float32)
-  d_v_t = jnp.zeros_like(d_k_t)
-  d_q = []
-  for i in range(chunks):
-    first, end = i * size, (i + 1) * size
-    w, keep = weights[i], masks[i]  # [batch, heads, size, end]
-    d_dropped = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end],
-                           preferred_element_type=jnp.float32)
-    d_scores = w * (apply_keep(d_dropped, keep, threshold) - delta[:, :, first:end, None])
-    d_q.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end],
-                          preferred_element_type=jnp.float32))
-    d_v_t = d_v_t.at[:, :, :, :end].add(jnp.einsum(
-        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end],
-        apply_keep(w, keep, threshold).astype(d_out.dtype),
-        preferred_element_type=jnp.float32))
-    d_k_t = d_k_t.at[:, :, :, :end].add(jnp.einsum(
-        "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype),
-        preferred_element_type=jnp.float32))
-  d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
-  return (d_q.astype(q.dtype), d_k_t.swapaxes(2, 3).astype(k.dtype),
-          d_v_t.swapaxes(2, 3).astype(v.dtype), [None] * chunks)
-
-
-_chunked_dropout_attention.defvjp(_chunked_dropout_attention_fwd,
-                                  _chunked_dropout_attention_bwd)
 
 
 # ---- KV cache --------------------------------------------------------------------------------

@@ -92,6 +92,24 @@ def test_attention_weights_are_causal_and_normalised():
   assert np.all(np.triu(weights, k=1) == 0.0)
 
 
+def _loss_and_grads(config, params, tokens, deterministic):
+  def loss(params):
+    logits, _ = GPT(config).apply({"params": params}, tokens, deterministic=deterministic,
+                                  rngs={"dropout": jax.random.key(2)})
+    return jnp.mean(logits**2)
+  return jax.tree_util.tree_leaves(jax.jit(jax.value_and_grad(loss))(params))
+
+
+def test_dropout_zero_trains_bit_for_bit_as_it_evaluates_and_dropout_does_not():
+  params, tokens = _init(CONFIG)  # dropout 0
+  for train, evaluate in zip(_loss_and_grads(CONFIG, params, tokens, False),
+                             _loss_and_grads(CONFIG, params, tokens, True)):
+    np.testing.assert_array_equal(train, evaluate)
+  dropped = GPTConfig(**{**CONFIG.__dict__, "dropout": 0.1})
+  train, evaluate = (_loss_and_grads(dropped, params, tokens, d)[0] for d in (False, True))
+  assert train != evaluate
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   config = GPTConfig(**{**CONFIG.__dict__, "dtype": "bfloat16"})
   params, tokens = _init(config)
