@@ -49,6 +49,7 @@ SHAPES = {
     "Bd": Shape("Bd", 6, 6, 384, 256, 16, 65, dropout=0.2),  # as shakespeare_char trains
     "C": Shape("C", 12, 12, 768, 256, 4, 50304),
     "R": Shape("R", 4, 4, 128, 64, 12, 65),  # the nanoGPT CPU recipe's model and batch
+    "H": Shape("H", 4, 4, 256, 128, 16, 4000, dropout=0.1),  # configs/hebrew.py's model and batch
     "T": Shape("T", 1, 2, 32, 16, 2, 11),  # tiny: for tests that the benchmarks run at all
 }
 

@@ -25,7 +25,7 @@ from benchmarks import measure  # noqa: E402
 from benchmarks.measure import SHAPES, Shape  # noqa: E402
 from gpt2jax import optim  # noqa: E402
 
-STEP_SHAPES = {"R": SHAPES["R"], "H": Shape("H", 4, 4, 256, 128, 16, 4000, dropout=0.1)}
+STEP_SHAPES = {name: SHAPES[name] for name in ("R", "H")}
 
 _SHAPES = flags.DEFINE_list("shapes", ["R", "H"], f"Of {sorted(STEP_SHAPES)}.")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Alternations of the two optimizers.")

@@ -1,6 +1,6 @@
 """Where a training step's time goes: a profile of the compiled step, by part of the model.
 
-  python -m benchmarks.profile --shape=R      # the nanoGPT CPU recipe's model; also A, B, Bd, C
+  python -m benchmarks.profile --shape=R      # the nanoGPT CPU recipe's model; also A, B, Bd, C, H (hebrew.py)
 
 Runs the jitted train step of a benchmark shape under jax.profiler, reads the trace back
 (jax.profiler.ProfileData) and charges every moment of the steps' wall time to the
