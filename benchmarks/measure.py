@@ -74,7 +74,8 @@ def train_setup(shape: Shape, optimizer_name: str = "adamw"):
   state = init_train_state(model, optimizer, seed=0)
   step = jax.jit(make_train_step(model, optimizer, optim.learning_rate_schedule(train_config),
                                  seed=0),
-                 donate_argnums=0)
+                 donate_argnums=0,  # compiled as training compiles it
+                 compiler_options=runtime.compiler_options(jax.devices()[0].platform))
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, shape.vocab_size, (shape.batch_size,
                                                             shape.block_size + 1)), jnp.int32)

@@ -177,15 +177,6 @@ def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
-def under_mesh(mesh: Mesh, fn):
-  """fn traced (when it compiles) with `mesh` set, so that its activation constraints apply."""
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return fn(*args)
-
-  return call
-
-
 def place_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """The global batch from this process's rows (TrainBatches gives each process its own)."""
   global_shape = (local_rows.shape[0] * jax.process_count(), *local_rows.shape[1:])

@@ -5,7 +5,8 @@ on start, 5-15 s for a train step on a laptop CPU. JAX's persistent cache keeps 
 executables on disk, so running the same programs again (resuming, sampling, a second run with
 the same settings) loads them instead. Default directory: $XDG_CACHE_HOME/gpt2jax/xla (else
 ~/.cache/gpt2jax/xla); GPT2JAX_COMPILATION_CACHE=<dir> moves it, =off turns it off, and a
-cache directory already given to JAX (JAX_COMPILATION_CACHE_DIR) is left alone.
+cache directory already given to JAX (JAX_COMPILATION_CACHE_DIR) is left alone. Programs that
+took at least _CACHE_MIN_COMPILE_SECONDS to compile are kept (op-by-op dispatches are not).
 
 Allocator: the compiled training step needs a large temporary buffer (hundreds of MB) at every
 call. glibc serves blocks that large with mmap and returns them with munmap, so each step pays
@@ -37,6 +38,7 @@ _libc = None  # glibc, once tune_allocator has tuned it
 
 CACHE_ENV = "GPT2JAX_COMPILATION_CACHE"
 _CACHE_MAX_BYTES = 2 * 2**30  # least recently used entries go beyond this
+_CACHE_MIN_COMPILE_SECONDS = 0.2  # an eager op compiles in milliseconds; a model step takes longer
 
 
 def compilation_cache_dir() -> Path | None:
@@ -69,7 +71,21 @@ def enable_compilation_cache() -> Path | None:
     return None
   jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_compilation_cache_max_size", _CACHE_MAX_BYTES)
+  # JAX caches only compilations longer than 1 s by default: on a fast CPU that leaves out
+  # the evaluation step and the finiteness check, which every start then compiles again.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECONDS)
   return directory
+
+
+def compiler_options(platform: str) -> dict[str, int] | None:
+  """XLA options for compiling the model's programs on `platform` (a device's .platform).
+
+  On CPU, LLVM optimizes the generated code at -O1 instead of -O3: compiling a train step
+  takes about half the time, and the steps run as fast and compute the same bits (README,
+  "Performance", "Fixed costs"), since their time goes to the matmul library's kernels and to
+  loops that XLA has already vectorized. Other platforms keep XLA's defaults.
+  """
+  return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
 
 
 def tune_allocator() -> bool:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt2jax import errors, optim, parallel
+from gpt2jax import errors, optim, parallel, runtime
 from gpt2jax.model import GPT, GPTConfig
 
 
@@ -37,9 +37,11 @@ def _init_fn(model: GPT, optimizer: optax.GradientTransformation) -> Callable:
 
 
 def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: int,
-                     shardings: Any = None) -> TrainState:
+                     shardings: Any = None, compiler_options: dict | None = None
+                     ) -> TrainState:
   """A fresh state; with shardings, each device creates only its own shards."""
-  return jax.jit(_init_fn(model, optimizer), out_shardings=shardings)(jax.random.key(seed))
+  return jax.jit(_init_fn(model, optimizer), out_shardings=shardings,
+                 compiler_options=compiler_options)(jax.random.key(seed))
 
 
 def abstract_train_state(model: GPT, optimizer: optax.GradientTransformation) -> TrainState:
@@ -185,14 +187,16 @@ def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
   state_shardings = parallel.tree_shardings(abstract, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   scalar = parallel.replicated(mesh)
+  options = runtime.compiler_options(mesh.devices.flat[0].platform)
   train_step = jax.jit(
       make_train_step(model, optimizer, schedule, config.seed, t.grad_accum_steps,
                       skip_nonfinite=t.get("skip_nonfinite", False)),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, scalar),
-      donate_argnums=0)
+      donate_argnums=0, compiler_options=options)
   eval_step = jax.jit(make_eval_step(model),
-                      in_shardings=(state_shardings.params, batch_sharding), out_shardings=scalar)
+                      in_shardings=(state_shardings.params, batch_sharding), out_shardings=scalar,
+                      compiler_options=options)
   return ShardedSteps(
       mesh, parallel.abstract_with_shardings(abstract, state_shardings), batch_sharding,
-      lambda seed: init_train_state(model, optimizer, seed, state_shardings),
+      lambda seed: init_train_state(model, optimizer, seed, state_shardings, options),
       train_step, eval_step)

@@ -60,11 +60,24 @@ class Run:
 
   def compiled_train_step(self) -> aot.CompiledStep:
     """The train step compiled ahead of time (waits for the compilation to finish)."""
-    try:
-      return self.compiling.result()
-    except aot.DoesNotFit as e:
-      raise errors.UserError(f"The train step does not fit in device memory ({e}): "
-                             f"{aot.MEMORY_HINT}.") from e
+    return _compiled(self.compiling, "train step")
+
+
+def _compiled(compiling: concurrent.futures.Future, name: str) -> aot.CompiledStep:
+  """The result of a background compilation; one that does not fit names the fixes."""
+  try:
+    return compiling.result()
+  except aot.DoesNotFit as e:
+    raise errors.UserError(f"The {name} does not fit in device memory ({e}): "
+                           f"{aot.MEMORY_HINT}.") from e
+
+
+def _when_compiled(compiling: concurrent.futures.Future, name: str) -> Callable:
+  """A callable for a step compiling in the background: its first call waits for it."""
+  def call(*args):
+    return _compiled(compiling, name).executable(*args)
+
+  return call
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.sharding.Mesh,
@@ -80,6 +93,13 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.shardi
   model = GPT(dataclasses.replace(model_shape, vocab_size=config.model.vocab_size))
 
   steps = make_sharded_steps(config, model, mesh)
+  # The train and eval steps compile on other threads (XLA compiles without the GIL) while
+  # this one creates or restores the state, whose own initializer compiles too: start-up
+  # pays for the longest compilation, not for their sum.
+  batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
+  compiling = aot.compile_step_in_background(steps.train_step, mesh, steps.abstract_state, batch)
+  eval_step = _when_compiled(aot.compile_step_in_background(
+      steps.eval_step, mesh, steps.abstract_state.params, batch), "evaluation step")
   resume_meta = {}
   if start_step:  # restored straight onto this mesh, whatever mesh saved it
     state, resume_meta = checkpoints.restore(start_step, steps.abstract_state)
@@ -88,12 +108,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path, mesh: jax.shardi
     if config.init_from:  # a GPT-2 checkpoint's weights instead of random ones
       state = state.replace(
           params=pretrained.initial_params(config, model, steps.abstract_state.params))
-  batch = steps.abstract_batch(config.train.batch_size, config.model.block_size)
-  # Compiled while the step-0 evaluation compiles and runs: start-up pays for both at once.
-  compiling = aot.compile_step_in_background(steps.train_step, mesh, steps.abstract_state, batch)
-  return Run(config, workdir, data, model, checkpoints, state, start_step,
-             parallel.under_mesh(mesh, steps.eval_step), is_writer, resume_meta, steps,
-             compiling)
+  return Run(config, workdir, data, model, checkpoints, state, start_step, eval_step,
+             is_writer, resume_meta, steps, compiling)
 
 
 class UnfinishedSteps:

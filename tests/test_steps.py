@@ -11,7 +11,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from conftest import TINY_TEXT, tiny_config
-from gpt2jax import optim, steps
+from gpt2jax import optim, runtime, steps
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.tokenizer import CharTokenizer
 
@@ -111,3 +111,28 @@ def test_bfloat16_really_computes_in_bfloat16(scan_layers):
   assert len(operands["bfloat16"]) == len(operands["float32"])  # the same program
   assert ("float32", "float32") not in operands["bfloat16"]
   assert operands["bfloat16"].count(("bfloat16", "bfloat16")) > len(operands["bfloat16"]) // 2
+
+
+def test_cpu_compiler_options_compute_the_same_bits():
+  """Catches a compiler option for faster compiles (runtime.compiler_options) that changes
+  what the steps compute, e.g. one that lets LLVM reassociate or contract float arithmetic."""
+  config = tiny_config()
+  config.model.dropout = 0.1
+  vocab, batches = _char_batches(TINY_TEXT, 32, 8, 3)
+  model, optimizer = _model_and_optimizer(config, vocab)
+  train_step = steps.make_train_step(model, optimizer, optim.learning_rate_schedule(config.train),
+                                     config.seed)
+  eval_step = steps.make_eval_step(model)
+  results = []
+  for options in (None, runtime.compiler_options("cpu")):
+    step = jax.jit(train_step, compiler_options=options)
+    state = steps.init_train_state(model, optimizer, config.seed, compiler_options=options)
+    for batch in batches:
+      state, _ = step(state, jnp.asarray(batch))
+    loss = jax.jit(eval_step, compiler_options=options)(state.params, jnp.asarray(batches[0]))
+    results.append((jax.device_get(state.params), float(loss)))
+  (default_params, default_loss), (fast_params, fast_loss) = results
+  assert runtime.compiler_options("cpu")  # the test compares something
+  assert fast_loss == default_loss
+  for a, b in zip(jax.tree.leaves(default_params), jax.tree.leaves(fast_params)):
+    np.testing.assert_array_equal(a, b)
