@@ -356,6 +356,8 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
   from small explicit transposes of dO and Q (never of the [time x time] weights)."""
   q, k, v, out, weights = residuals
   size = q.shape[2] // chunks
+  # Without the barrier XLA may multiply the float32 gradient that d_out was rounded from.
+  d_out = _BARRIER(d_out)
   # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   d_out_t = _transposed(d_out)  # [batch, heads, head_dim, time]
