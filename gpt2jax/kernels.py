@@ -1,7 +1,7 @@
 """The platform layer: how gpt2jax.model's GPT-2 runs fast on each platform. Its interface:
 
 - `Dense`: nn.Dense's parameters (kernel [d_in, features], bias), with a weight gradient laid
-  out for XLA CPU's fast matmul.
+  out for XLA CPU's fast matmul; `linear` is its product alone (also the tied LM head).
 - `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
   on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
 - `Dropout`: inverted dropout that draws 8 random bits per element instead of 32.
@@ -9,6 +9,14 @@
   without a cache) in one place, documented there.
 - `cache_update`: writes new keys and values into a layer's KV cache only after the attention
   that read it.
+- `matmul` / `product`: every product above, with its operands in the compute dtype
+  (model.dtype) and its accumulation and result in float32.
+
+Numerics: the compute dtype is that of the matmuls' operands only. Their results, the bias,
+and so everything elementwise after them (residual adds, GELU, LayerNorm, softmax) are
+float32; the attention's q, k, v and the LayerNorm outputs that feed matmuls are handed over
+in the compute dtype. Gradients follow the same rule, and the weight gradients are
+accumulated in float32 (never rounded to bfloat16).
 
 Why a CPU needs its own layout: XLA CPU runs a matmul fast (YNNPACK, multi-threaded) only when
 its left operand is row-major with the contraction on the minor axis; gradients that contract
@@ -16,6 +24,13 @@ over tokens otherwise get a slow generic transpose copy or a slow fallback matmu
 is made when lowering (`jax.lax.platform_dependent`): GPUs and TPUs, also compiled ahead of
 time on a CPU host, get plain dots and `jax.nn.dot_product_attention`. README, "Performance",
 has what each of these measured.
+
+Why bfloat16 needs care on a CPU: XLA CPU multiplies bfloat16 fast (YNNPACK, with the CPU's
+bf16 dot-product instructions) only as bf16 x bf16 -> f32 with row-major operands. A
+bfloat16 result, or an operand that is a transpose XLA leaves as a column-major layout, makes
+it upcast both operands to a float32 matmul, plus converts around it: that is why a step
+with bfloat16 compute used to be slower than float32. Hence `matmul`'s float32 result,
+`_transposed`'s real copies, and the barriers that keep XLA from folding transposes back.
 """
 
 from __future__ import annotations
@@ -35,11 +50,12 @@ _MIN_CHUNK = 32  # queries per attention chunk, at least
 # ---- Dense layers ----------------------------------------------------------------------------
 
 class Dense(nn.Module):
-  """nn.Dense's parameters and result, with the CPU gradient layout of `linear`."""
+  """nn.Dense's parameters and result, with the CPU gradient layout of `linear`; the result
+  is float32 whatever the compute dtype (see the module's docstring)."""
 
   features: int
   use_bias: bool
-  dtype: Any  # compute dtype; the parameters are float32
+  dtype: Any  # compute dtype: the matmul's operands; the parameters are float32
   kernel_init: Any
 
   @nn.compact
@@ -58,7 +74,7 @@ class HeadsDense(nn.Module):
   The parameters are those of a Dense on the heads concatenated (kernel [heads * head_dim,
   features], rows head-major, and bias), so checkpoints see an ordinary projection; one
   contraction over (heads, head_dim) replaces the transpose back to [batch, time, ...] and
-  leaves the layout to XLA.
+  leaves the layout to XLA. The result is float32, as Dense's.
   """
 
   features: int

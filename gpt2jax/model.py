@@ -37,7 +37,7 @@ class GPTConfig:
   dropout: float = 0.0
   bias: bool = True
   tie_embeddings: bool = True
-  dtype: str = "float32"  # compute dtype; parameters are always float32
+  dtype: str = "float32"  # the matmuls' operand dtype; parameters, activations are float32
   remat: bool = False
   scan_layers: bool = False
 
