@@ -46,7 +46,7 @@ _PARTS = [
     ("MLP: c_proj", r"/mlp/c_proj"),
     ("MLP: GELU", r"/mlp"),
     ("LayerNorms", r"/ln_"),
-    ("embeddings, LM head", r"/(wte|wpe)"),
+    ("embeddings, LM head", r"/(wte|wpe|lm_head)"),
     ("residual adds", r"GPT\._blocks"),
     ("other model ops", r"\(GPT\)"),
 ]
