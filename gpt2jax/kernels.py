@@ -1,7 +1,7 @@
 """The platform layer: how gpt2jax.model's GPT-2 runs fast on each platform. Its interface:
 
 - `Dense`: nn.Dense's parameters (kernel [d_in, features], bias), with a weight gradient laid
-  out for XLA CPU's fast matmul; `linear` is its product alone (also the tied LM head).
+  out for XLA CPU's fast matmul; `linear` is its product alone; `tied_logits` the LM head.
 - `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
   on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
 - `Dropout`: inverted dropout that draws 8 random bits per element instead of 32.
@@ -30,7 +30,8 @@ bf16 dot-product instructions) only as bf16 x bf16 -> f32 with row-major operand
 bfloat16 result, or an operand that is a transpose XLA leaves as a column-major layout, makes
 it upcast both operands to a float32 matmul, plus converts around it: that is why a step
 with bfloat16 compute used to be slower than float32. Hence `matmul`'s float32 result,
-`_transposed`'s real copies, and the barriers that keep XLA from folding transposes back.
+`_transposed`'s real copies, and the barriers (`_fence`) that keep XLA from folding
+transposes back.
 """
 
 from __future__ import annotations
@@ -187,16 +188,33 @@ def _linear_bwd(residuals, grad):
   g2 = grad.reshape(-1, d_out)  # [tokens, d_out]
   dx = _dot(grad, kernel.astype(x.dtype).T)
   # The barrier keeps XLA from folding the transpose back into the dot's dimensions.
-  # Barriers on the products too: XLA would fold a transpose of one into the dot's
-  # dimensions, a form that XLA CPU cannot run in bfloat16.
+  # A 16-bit product gets a barrier too (`_fence`): XLA would fold a transpose of it into the
+  # dot's dimensions, a form that XLA CPU cannot run in bfloat16.
   if d_in <= d_out:
-    dk = _BARRIER(_dot(_transposed(x2), g2))
+    dk = _fence(_dot(_transposed(x2), g2), x.dtype)
   else:
     dk = _BARRIER(_dot(_transposed(g2), x2)).T
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _fence(x, dtype):
+  """x behind a barrier when `dtype` is a 16-bit compute dtype, so that XLA neither folds a
+  transpose into a bf16 product nor swaps its bf16 operand for the float32 it came from
+  (either makes XLA CPU upcast it, or fail); float32 programs stay as they were."""
+  return _BARRIER(x) if jnp.dtype(dtype).itemsize < 4 else x
+
+
+def tied_logits(x, embedding, dtype):
+  """x @ embeddingᵀ, the LM head tied to the token embedding [vocab, d], in float32 from
+  operands in `dtype`: `linear`, but a float32 head on CPU keeps flax's Embed.attend product
+  and its plain gradient."""
+  x = x.astype(dtype)
+  cpu = _linear if jnp.dtype(dtype).itemsize < 4 else jnp.dot
+  return jax.lax.platform_dependent(x, embedding.T, cpu=cpu,
+                                    default=functools.partial(product, "...i,io->...o"))
 
 
 def _transposed(a):
@@ -372,8 +390,7 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
   from small explicit transposes of dO and Q (never of the [time x time] weights)."""
   q, k, v, out, weights = residuals
   size = q.shape[2] // chunks
-  # Without the barrier XLA may multiply the float32 gradient that d_out was rounded from.
-  d_out = _BARRIER(d_out)
+  d_out = _fence(d_out, d_out.dtype)
   # rowsum(dO * O) = rowsum(dP * P): the softmax backward's correction term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   d_out_t = _transposed(d_out)  # [batch, heads, head_dim, time]
@@ -392,9 +409,8 @@ def _chunked_attention_bwd(chunks: int, residuals, d_out):
     d_k_t = d_k_t.at[:, :, :, :end].add(matmul(
         "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype)))
   d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
-  # The barriers keep XLA from folding the transposes into the products (see _linear_bwd).
-  return (d_q.astype(q.dtype), _BARRIER(d_k_t).swapaxes(2, 3).astype(k.dtype),
-          _BARRIER(d_v_t).swapaxes(2, 3).astype(v.dtype))
+  return (d_q.astype(q.dtype), _fence(d_k_t, q.dtype).swapaxes(2, 3).astype(k.dtype),
+          _fence(d_v_t, q.dtype).swapaxes(2, 3).astype(v.dtype))
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)

@@ -179,7 +179,7 @@ class GPT(nn.Module):
     x = _layer_norm(cfg, "ln_f")(x)
     if cfg.tie_embeddings:
       with jax.named_scope("lm_head"):
-        logits = kernels.linear(x, wte.embedding.T, cfg.compute_dtype)
+        logits = kernels.tied_logits(x, wte.embedding, cfg.compute_dtype)
     else:
       logits = kernels.Dense(cfg.vocab_size, False, cfg.compute_dtype, _init(0.02),
                              name="lm_head")(x)
