@@ -36,11 +36,12 @@ class Shape:
   batch_size: int
   vocab_size: int
   dropout: float = 0.0
+  dtype: str = "float32"  # model.dtype: the matmuls' operand dtype
 
   def model_config(self) -> GPTConfig:
     return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size,
                      n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                     dropout=self.dropout)
+                     dropout=self.dropout, dtype=self.dtype)
 
 
 SHAPES = {
@@ -49,7 +50,7 @@ SHAPES = {
     "Bd": Shape("Bd", 6, 6, 384, 256, 16, 65, dropout=0.2),  # as shakespeare_char trains
     "C": Shape("C", 12, 12, 768, 256, 4, 50304),
     "R": Shape("R", 4, 4, 128, 64, 12, 65),  # the nanoGPT CPU recipe's model and batch
-    "H": Shape("H", 4, 4, 256, 128, 16, 4000, dropout=0.1),  # configs/hebrew.py's model and batch
+    "H": Shape("H", 4, 4, 256, 128, 16, 4000, dropout=0.1),  # configs/hebrew.py's default
     "T": Shape("T", 1, 2, 32, 16, 2, 11),  # tiny: for tests that the benchmarks run at all
 }
 

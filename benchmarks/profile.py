@@ -1,6 +1,7 @@
 """Where a training step's time goes: a profile of the compiled step, by part of the model.
 
-  python -m benchmarks.profile --shape=R      # the nanoGPT CPU recipe's model; also A, B, Bd, C, H (hebrew.py)
+  python -m benchmarks.profile --shape=R      # the nanoGPT CPU recipe's model; also A, B, Bd, C, H
+  python -m benchmarks.profile --shape=R --dtype=bfloat16   # bfloat16 matmul operands
 
 Runs the jitted train step of a benchmark shape under jax.profiler, reads the trace back
 (jax.profiler.ProfileData) and charges every moment of the steps' wall time to the
@@ -9,7 +10,7 @@ thread runs one. Each operation of the compiled step is named by its HLO metadat
 module it comes from, forward or backward), so the table reads like the model: attention,
 MLP, LayerNorms, optimizer... The matrix multiplications of each part also get their FLOP
 rate (their FLOPs over the time they ran, which is shared with the other thread at times).
-Prints a table and writes benchmarks/results/profile-<shape>-<time>.json.
+Prints a table and writes benchmarks/results/profile-<shape>-<dtype>-<time>.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import jax
 from benchmarks import measure, peak, results
 
 _SHAPE = flags.DEFINE_enum("shape", "R", list(measure.SHAPES), "The benchmark shape to profile.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                           "model.dtype: the matmuls' operand dtype.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Profiled steps (after two warm-up steps).")
 _OUT = flags.DEFINE_string("out", str(measure.REPO / "benchmarks" / "results"),
                            "Where the JSON goes.")
@@ -43,7 +46,7 @@ _PARTS = [
     ("MLP: c_proj", r"/mlp/c_proj"),
     ("MLP: GELU", r"/mlp"),
     ("LayerNorms", r"/ln_"),
-    ("embeddings, LM head", r"/(wte|wpe)"),
+    ("embeddings, LM head", r"/(wte|wpe|lm_head)"),
     ("residual adds", r"GPT\._blocks"),
     ("other model ops", r"\(GPT\)"),
 ]
@@ -191,7 +194,7 @@ def profile(shape: measure.Shape, steps: int) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  shape = measure.SHAPES[_SHAPE.value]
+  shape = dataclasses.replace(measure.SHAPES[_SHAPE.value], dtype=_DTYPE.value)
   result = profile(shape, _STEPS.value)
   result["peak_gflops_per_second"] = peak.device_peak().flops_per_second / 1e9
   print(f"shape {shape.name}: {shape}\nstep {result['step_ms']:.1f} ms (mean of "
@@ -209,7 +212,7 @@ def main(argv):
     matmuls = f"{p['matmul_ms_per_step']:.2f} ms, {rate:.0f} GFLOP/s" if rate else ""
     print(f"| {p['part']:<52} | {p['ms_per_step']:8.2f} | {p['ms_per_step'] / total:6.1%} | "
           f"{matmuls}")
-  path = results.write(result, _OUT.value, f"profile-{shape.name}")
+  path = results.write(result, _OUT.value, f"profile-{shape.name}-{shape.dtype}")
   print(f"\nwrote {path}")
 
 

@@ -5,6 +5,7 @@ benchmarks/results/<time>-<host>.json.
   python -m benchmarks.run                       # everything but the CPU recipe
   python -m benchmarks.run --recipe_corpus=input.txt   # also nanoGPT's CPU recipe
   python -m benchmarks.run --only=train --shapes=A,B
+  python -m benchmarks.run --only=train --shapes=R,H --dtypes=float32,bfloat16 --rounds=3
   python -m benchmarks.run --only=train,sample --shapes=T --sample_shape=T   # runs at all?
 
 Timings on shared machines are noisy: compare numbers from one run, and look at min-max.
@@ -12,6 +13,7 @@ Timings on shared machines are noisy: compare numbers from one run, and look at 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 import tempfile
@@ -31,6 +33,10 @@ from benchmarks import results as results_lib  # noqa: E402
 _ONLY = flags.DEFINE_list("only", ["train", "sample", "startup", "recipe"],
                           "Which benchmarks: train, sample, startup, recipe.")
 _SHAPES = flags.DEFINE_list("shapes", ["A", "B", "Bd", "C"], "Training shapes to measure.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "model.dtype of the training shapes: each "
+                            "shape is measured with each, one after the other.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Times the training measurements run, in turn "
+                               "(interleaved, so that the host's changing speed hits all alike).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps per shape (after warm-up).")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed generate() calls each.")
 _SAMPLE_SHAPE = flags.DEFINE_enum("sample_shape", "B", list(measure.SHAPES),
@@ -64,12 +70,15 @@ def main(argv):
   print(f"|{'-' * 46}|{'-' * 18}|{'-' * 24}|------")
   if "train" in _ONLY.value:
     results["train"] = []
-    for name in _SHAPES.value:
-      r = measure.train_throughput(measure.SHAPES[name], _STEPS.value,
-                                   device_peak.flops_per_second)
+    runs = [(name, dtype) for _ in range(_ROUNDS.value) for name in _SHAPES.value
+            for dtype in _DTYPES.value]
+    for name, dtype in runs:
+      shape = dataclasses.replace(measure.SHAPES[name], dtype=dtype)
+      r = measure.train_throughput(shape, _STEPS.value, device_peak.flops_per_second)
       results["train"].append(r)
       s = r["step_seconds"]
-      _row(f"train {name}: tokens/s", f"{r['tokens_per_second']:,.0f}",
+      label = name if dtype == "float32" else f"{name} {dtype}"
+      _row(f"train {label}: tokens/s", f"{r['tokens_per_second']:,.0f}",
            f"{s['median'] * 1e3:.1f} [{s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f}] ms",
            f"{r['gflops_per_second']:.0f} GFLOP/s, MFU {r['mfu']:.0%}")
   if "sample" in _ONLY.value:

@@ -1,7 +1,7 @@
 """The platform layer: how gpt2jax.model's GPT-2 runs fast on each platform. Its interface:
 
 - `Dense`: nn.Dense's parameters (kernel [d_in, features], bias), with a weight gradient laid
-  out for XLA CPU's fast matmul.
+  out for XLA CPU's fast matmul; `linear` is its product alone; `tied_logits` the LM head.
 - `HeadsDense`: a Dense over the heads of [batch, heads, time, head_dim] taken together, as
   on [batch, time, heads * head_dim], in one contraction instead of a transpose and a dot.
 - `Dropout`: inverted dropout that draws 8 random bits per element instead of 32; its keep
@@ -11,6 +11,14 @@
   same chunked kernel as without, the weights dropped inside it (`causal_attention_dropout`).
 - `cache_update`: writes new keys and values into a layer's KV cache only after the attention
   that read it.
+- `matmul` / `product`: every product above, with its operands in the compute dtype
+  (model.dtype) and its accumulation and result in float32.
+
+Numerics: the compute dtype is that of the matmuls' operands only. Their results, the bias,
+and so everything elementwise after them (residual adds, GELU, LayerNorm, softmax) are
+float32; the attention's q, k, v and the LayerNorm outputs that feed matmuls are handed over
+in the compute dtype. Gradients follow the same rule, and the weight gradients are
+accumulated in float32 (never rounded to bfloat16).
 
 Why a CPU needs its own layout: XLA CPU runs a matmul fast (YNNPACK, multi-threaded) only when
 its left operand is row-major with the contraction on the minor axis; gradients that contract
@@ -18,6 +26,14 @@ over tokens otherwise get a slow generic transpose copy or a slow fallback matmu
 is made when lowering (`jax.lax.platform_dependent`): GPUs and TPUs, also compiled ahead of
 time on a CPU host, get plain dots and `jax.nn.dot_product_attention`. README, "Performance",
 has what each of these measured.
+
+Why bfloat16 needs care on a CPU: XLA CPU multiplies bfloat16 fast (YNNPACK, with the CPU's
+bf16 dot-product instructions) only as bf16 x bf16 -> f32 with row-major operands. A
+bfloat16 result, or an operand that is a transpose XLA leaves as a column-major layout, makes
+it upcast both operands to a float32 matmul, plus converts around it: that is why a step
+with bfloat16 compute used to be slower than float32. Hence `matmul`'s float32 result,
+`_transposed`'s real copies, and the barriers (`_fence`) that keep XLA from folding
+transposes back.
 """
 
 from __future__ import annotations
@@ -37,20 +53,20 @@ _MIN_CHUNK = 32  # queries per attention chunk, at least
 # ---- Dense layers ----------------------------------------------------------------------------
 
 class Dense(nn.Module):
-  """nn.Dense's parameters and result, with the CPU gradient layout of `linear`."""
+  """nn.Dense's parameters and result, with the CPU gradient layout of `linear`; the result
+  is float32 whatever the compute dtype (see the module's docstring)."""
 
   features: int
   use_bias: bool
-  dtype: Any  # compute dtype; the parameters are float32
+  dtype: Any  # compute dtype: the matmul's operands; the parameters are float32
   kernel_init: Any
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    y = linear(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = linear(x, kernel, self.dtype)
     if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     return y
 
 
@@ -61,7 +77,7 @@ class HeadsDense(nn.Module):
   The parameters are those of a Dense on the heads concatenated (kernel [heads * head_dim,
   features], rows head-major, and bias), so checkpoints see an ordinary projection; one
   contraction over (heads, head_dim) replaces the transpose back to [batch, time, ...] and
-  leaves the layout to XLA.
+  leaves the layout to XLA. The result is float32, as Dense's.
   """
 
   features: int
@@ -74,47 +90,147 @@ class HeadsDense(nn.Module):
     _, heads, _, head_dim = y.shape
     kernel = self.param("kernel", self.kernel_init, (heads * head_dim, self.features),
                         jnp.float32)
-    out = jnp.einsum("bhtk,hkd->btd", y.astype(self.dtype),
-                     kernel.astype(self.dtype).reshape(heads, head_dim, self.features))
+    out = product("bhtk,hkd->btd", y.astype(self.dtype),
+                  kernel.reshape(heads, head_dim, self.features))
     if self.use_bias:
       out = out + self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                             jnp.float32).astype(self.dtype)
+                             jnp.float32)
     return out
 
 
-def linear(x, kernel):
-  """x @ kernel over the last axis of x; x: [..., d_in], kernel: [d_in, d_out]. On CPU its
-  gradient is `_linear_bwd`'s; elsewhere a plain dot."""
-  return jax.lax.platform_dependent(x, kernel, cpu=_linear, default=jnp.dot)
+def matmul(spec: str, a, b):
+  """einsum(spec, a, b) (two operands of one dtype) accumulated and returned in float32.
+
+  XLA CPU multiplies bfloat16 operands fast only as bf16 x bf16 -> f32, and only through
+  YNNPACK: given a bf16 result it upcasts both operands to a float32 matmul. YNNPACK takes
+  no matrix-vector products (a single row or column, e.g. decoding one token) nor tiny
+  ones, and XLA's own matmul has no bf16 x bf16 -> f32, so those keep a bf16 result, which
+  XLA upcasts itself, and are then widened.
+  """
+  if a.dtype.itemsize < 4 and _vector_like(spec, a, b):
+    return jnp.einsum(spec, a, b).astype(jnp.float32)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _vector_like(spec: str, a, b) -> bool:
+  """Whether the product has a single row or column, or only dimensions below 8."""
+  inputs, out = spec.replace("...", "").split("->")
+  a_axes, b_axes = inputs.split(",")
+  sizes = {**dict(zip(reversed(b_axes), reversed(b.shape))),
+           **dict(zip(reversed(a_axes), reversed(a.shape)))}
+  lead = math.prod(a.shape[:a.ndim - len(a_axes)])  # a's axes under "..."
+  free = lambda own, other: math.prod(sizes[c] for c in own if c not in other)
+  rows, columns = lead * free(a_axes, b_axes), free(b_axes, a_axes)
+  depth = math.prod(sizes[c] for c in a_axes if c in b_axes and c not in out)
+  return rows == 1 or columns == 1 or max(rows, columns, depth) < 8
+
+
+def _dot(x, y):
+  """x @ y over x's last axis (y: [d_in, d_out]) by `matmul`."""
+  return matmul("...i,io->...o", x, y)
+
+
+def product(spec: str, a, b):
+  """matmul(spec, a, b) with b cast to a's dtype, and a gradient whose matmuls also take
+  a's dtype (plain autodiff would multiply the float32 output gradient by the 16-bit
+  operands: a float32 matmul). spec: "A,B->C" where every axis of A and B is in C or in
+  both A and B (none summed within one operand)."""
+  if a.dtype == jnp.float32:
+    return jnp.einsum(spec, a, b.astype(a.dtype))
+  return _product(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _product(spec: str, a, b):
+  return matmul(spec, a, b.astype(a.dtype))
+
+
+def _product_fwd(spec, a, b):
+  return _product(spec, a, b), (a, b)
+
+
+def _product_bwd(spec, residuals, grad):
+  a, b = residuals
+  a_axes, b_axes, out_axes = *spec.split("->")[0].split(","), spec.split("->")[1]
+  grad = grad.astype(a.dtype)
+  d_a = matmul(f"{out_axes},{b_axes}->{a_axes}", grad, b.astype(a.dtype))
+  d_b = matmul(f"{a_axes},{out_axes}->{b_axes}", a, grad)
+  return d_a.astype(a.dtype), d_b.astype(b.dtype)
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def linear(x, kernel, dtype=None):
+  """x @ kernel over the last axis of x (x: [..., d_in], kernel: [d_in, d_out]), the
+  operands in `dtype` (default: x's), accumulated and returned in float32. On CPU its
+  gradient is `_linear_bwd`'s; elsewhere `product`'s."""
+  x = x.astype(x.dtype if dtype is None else dtype)
+  return jax.lax.platform_dependent(x, kernel, cpu=_linear,
+                                    default=functools.partial(product, "...i,io->...o"))
 
 
 @jax.custom_vjp
 def _linear(x, kernel):
-  return jnp.dot(x, kernel)
+  return _dot(x, kernel.astype(x.dtype))
 
 
 def _linear_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
+  return _linear(x, kernel), (x, kernel)
 
 
 def _linear_bwd(residuals, grad):
   """The kernel gradient contracts over tokens, so one operand must be transposed: transpose
   whichever of (input, output gradient) is smaller, rather than letting XLA transpose a large
-  activation with its slow generic copy."""
+  activation with its slow generic copy. The matmuls take x's dtype, accumulate in float32."""
   x, kernel = residuals
   d_in, d_out = kernel.shape
+  grad = grad.astype(x.dtype)
   x2 = x.reshape(-1, d_in)  # [tokens, d_in]
   g2 = grad.reshape(-1, d_out)  # [tokens, d_out]
-  dx = jnp.dot(grad, kernel.T)
+  dx = _dot(grad, kernel.astype(x.dtype).T)
   # The barrier keeps XLA from folding the transpose back into the dot's dimensions.
+  # A 16-bit product gets a barrier too (`_fence`): XLA would fold a transpose of it into the
+  # dot's dimensions, a form that XLA CPU cannot run in bfloat16.
   if d_in <= d_out:
-    dk = jnp.dot(_BARRIER(x2.T), g2)
+    dk = _fence(_dot(_transposed(x2), g2), x.dtype)
   else:
-    dk = _BARRIER(jnp.dot(_BARRIER(g2.T), x2)).T
-  return dx, dk.astype(kernel.dtype)
+    dk = _BARRIER(_dot(_transposed(g2), x2)).T
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def _fence(x, dtype):
+  """x behind a barrier when `dtype` is a 16-bit compute dtype, so that XLA neither folds a
+  transpose into a bf16 product nor swaps its bf16 operand for the float32 it came from
+  (either makes XLA CPU upcast it, or fail); float32 programs stay as they were."""
+  return _BARRIER(x) if jnp.dtype(dtype).itemsize < 4 else x
+
+
+def tied_logits(x, embedding, dtype):
+  """x @ embeddingᵀ, the LM head tied to the token embedding [vocab, d], in float32 from
+  operands in `dtype`: `linear`, but a float32 head on CPU keeps flax's Embed.attend product
+  and its plain gradient."""
+  x = x.astype(dtype)
+  cpu = _linear if jnp.dtype(dtype).itemsize < 4 else jnp.dot
+  return jax.lax.platform_dependent(x, embedding.T, cpu=cpu,
+                                    default=functools.partial(product, "...i,io->...o"))
+
+
+def _transposed(a):
+  """a with its last two axes swapped, as an array of its own (row-major) for a matmul.
+
+  The barrier keeps XLA from folding the transpose back into the dot's dimensions. A
+  16-bit transpose that XLA leaves as a layout change (column-major) makes XLA CPU upcast
+  the dot to float32, since its fast matmul (YNNPACK) takes bfloat16 operands row-major
+  only: going through a flat copy makes the transpose real.
+  """
+  swapped = a.swapaxes(-1, -2)
+  if a.dtype.itemsize >= 4:
+    return _BARRIER(swapped)
+  return _BARRIER(swapped.reshape(-1)).reshape(swapped.shape)
 
 
 # ---- Dropout ---------------------------------------------------------------------------------
@@ -219,7 +335,7 @@ def softmax_weights(q, key_segments, visible, scale: float | None):
   """
   scores = []
   for k, seen in zip(key_segments, visible):
-    score = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    score = matmul("bhqd,bhkd->bhqk", q, k)
     if scale is not None:
       score = score * scale
     scores.append(jnp.where(seen, score, jnp.finfo(jnp.float32).min))
@@ -231,7 +347,7 @@ def weighted_values(weights, value_segments):
   out, first = None, 0
   for v in value_segments:
     w = weights[..., first:first + v.shape[2]]
-    term = jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v)
+    term = matmul("bhqk,bhkd->bhqd", w.astype(v.dtype), v).astype(v.dtype)
     out = term if out is None else out + term
     first += v.shape[2]
   return out
@@ -343,35 +459,32 @@ def _chunked_attention_bwd(chunks: int, threshold: int | None, residuals, d_out)
   takes D for P, and the softmax sees dP = keep(dO Vᵀ) · 256/threshold."""
   q, k, v, masks, out, weights = residuals
   size = q.shape[2] // chunks
+  d_out = _fence(d_out, d_out.dtype)
   # rowsum(dO * O) = rowsum(dP * P), the softmax backward's correction term (with dropout
   # too: rowsum(dP * P) = rowsum(dO Vᵀ * D) and O = D V).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  d_out_t = _BARRIER(d_out.swapaxes(2, 3))  # [batch, heads, head_dim, time]
-  q_t = _BARRIER(q.swapaxes(2, 3))
+  d_out_t = _transposed(d_out)  # [batch, heads, head_dim, time]
+  q_t = _transposed(q)
   d_k_t = jnp.zeros(k.shape[:2] + (k.shape[3], k.shape[2]), jnp.float32)
   d_v_t = jnp.zeros_like(d_k_t)
   d_q = []
   for i in range(chunks):
     first, end = i * size, (i + 1) * size
     w = weights[i]  # [batch, heads, size, end]
-    d_w = jnp.einsum("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end],
-                     preferred_element_type=jnp.float32)
+    d_w = matmul("bhqd,bhkd->bhqk", d_out[:, :, first:end], v[:, :, :end])
     w_out = w  # the weights that made the output
     if masks:
       d_w = apply_keep(d_w, masks[i], threshold)
       w_out = apply_keep(w, masks[i], threshold)
     d_scores = w * (d_w - delta[:, :, first:end, None])
-    d_q.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end],
-                          preferred_element_type=jnp.float32))
-    d_v_t = d_v_t.at[:, :, :, :end].add(jnp.einsum(
-        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end], w_out.astype(d_out.dtype),
-        preferred_element_type=jnp.float32))
-    d_k_t = d_k_t.at[:, :, :, :end].add(jnp.einsum(
-        "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype),
-        preferred_element_type=jnp.float32))
+    d_q.append(matmul("bhqk,bhkd->bhqd", d_scores.astype(k.dtype), k[:, :, :end]))
+    d_v_t = d_v_t.at[:, :, :, :end].add(matmul(
+        "bhdq,bhqk->bhdk", d_out_t[:, :, :, first:end], w_out.astype(d_out.dtype)))
+    d_k_t = d_k_t.at[:, :, :, :end].add(matmul(
+        "bhdq,bhqk->bhdk", q_t[:, :, :, first:end], d_scores.astype(q.dtype)))
   d_q = d_q[0] if chunks == 1 else jnp.concatenate(d_q, axis=2)
-  return (d_q.astype(q.dtype), d_k_t.swapaxes(2, 3).astype(k.dtype),
-          d_v_t.swapaxes(2, 3).astype(v.dtype), (None,) * len(masks))
+  return (d_q.astype(q.dtype), _fence(d_k_t, q.dtype).swapaxes(2, 3).astype(k.dtype),
+          _fence(d_v_t, q.dtype).swapaxes(2, 3).astype(v.dtype), (None,) * len(masks))
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)

@@ -37,7 +37,7 @@ class GPTConfig:
   dropout: float = 0.0
   bias: bool = True
   tie_embeddings: bool = True
-  dtype: str = "float32"  # compute dtype; parameters are always float32
+  dtype: str = "float32"  # the matmuls' operand dtype; parameters, activations are float32
   remat: bool = False
   scan_layers: bool = False
 
@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
     cfg = self.config
     batch, time, _ = x.shape
     qkv = kernels.Dense(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _init(0.02),
-                        name="c_attn")(x)
+                        name="c_attn")(x).astype(cfg.compute_dtype)  # q, k, v feed matmuls
     qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [batch, heads, time, head_dim]
     if layer_cache is None:
@@ -168,10 +168,8 @@ class GPT(nn.Module):
       positions, mask = _cached_positions_and_masks(cache, time)  # (earlier, new)
       cache_index = cache.index
 
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
-                   embedding_init=_init(0.02), name="wte")
-    wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.compute_dtype,
-                   embedding_init=_init(0.02), name="wpe")
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_init(0.02), name="wte")
+    wpe = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=_init(0.02), name="wpe")
     x = wte(tokens) + wpe(positions)
     x = kernels.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
@@ -180,11 +178,11 @@ class GPT(nn.Module):
 
     x = _layer_norm(cfg, "ln_f")(x)
     if cfg.tie_embeddings:
-      logits = wte.attend(x)
+      with jax.named_scope("lm_head"):
+        logits = kernels.tied_logits(x, wte.embedding, cfg.compute_dtype)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                        kernel_init=_init(0.02), name="lm_head")(x)
-    logits = logits.astype(jnp.float32)
+      logits = kernels.Dense(cfg.vocab_size, False, cfg.compute_dtype, _init(0.02),
+                             name="lm_head")(x)
     if cache is None:
       return logits, None
     new_k, new_v = new_layers_cache

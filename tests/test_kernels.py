@@ -21,14 +21,14 @@ def _reference_attention(q, k, v):
   return out.swapaxes(1, 2)
 
 
-def _assert_same_values_and_gradients(fn, reference, args, atol=1e-5):
+def _assert_same_values_and_gradients(fn, reference, args, atol=1e-5, rtol=1e-7):
   cotangent = _normal(jax.eval_shape(reference, *args).shape, seed=9)[0]
-  np.testing.assert_allclose(fn(*args), reference(*args), atol=atol)
+  np.testing.assert_allclose(fn(*args), reference(*args), atol=atol, rtol=rtol)
   argnums = tuple(range(len(args)))
   grads = jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums)(*args)
   want = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), argnums)(*args)
   for got, expected in zip(grads, want):
-    np.testing.assert_allclose(got, expected, atol=atol)
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol)
 
 
 # ---- Dense layers --------------------------------------------------------------------------
@@ -61,6 +61,40 @@ def test_heads_dense_is_a_dense_over_the_concatenated_heads():
   np.testing.assert_allclose(
       kernels.HeadsDense(7, True, jnp.float32, init).apply(params, y),
       nn.Dense(7).apply(params, concatenated), atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape", [
+    ((2, 5, 8), (8, 24)), ((2, 5, 24), (24, 8)),  # both branches of the CPU gradient
+    ((1, 1, 16), (16, 24)),  # one row: decoding one token of one sequence
+    ((3, 4), (4, 1)), ((3, 4), (4, 5)),  # one column; every dimension tiny
+])
+def test_bfloat16_linear_runs_in_every_shape_with_float32_results_and_kernel_gradient(
+    x_shape, kernel_shape):
+  """Catches a bf16 product XLA CPU cannot run (bf16 x bf16 -> f32 outside YNNPACK), a bf16
+  result, or a kernel gradient rounded to bf16."""
+  x, kernel = _normal(x_shape, kernel_shape)
+  fn = jax.jit(lambda x, k: kernels.linear(x, k, jnp.bfloat16))
+  assert fn(x, kernel).dtype == jnp.float32
+  reference = lambda x, k: jnp.dot(x.astype(jnp.bfloat16).astype(jnp.float32),
+                                   k.astype(jnp.bfloat16).astype(jnp.float32))
+  _assert_same_values_and_gradients(fn, reference, (x, kernel), atol=0.05, rtol=0.02)
+  cotangent = _normal((*x_shape[:-1], kernel_shape[1]), seed=5)[0]
+  d_kernel = jax.grad(lambda k: jnp.sum(fn(x, k) * cotangent))(kernel)
+  assert d_kernel.dtype == jnp.float32
+  assert not np.array_equal(d_kernel, d_kernel.astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_bfloat16_heads_dense_matches_float32_with_float32_parameter_gradients():
+  y = _normal((2, 3, 5, 4))[0].astype(jnp.bfloat16)
+  layer = lambda dtype: kernels.HeadsDense(7, True, dtype, nn.initializers.normal(0.5))
+  params = layer(jnp.float32).init(jax.random.key(0), y)
+  loss = lambda dtype: lambda p: jnp.sum(layer(dtype).apply(p, y) ** 2)
+  assert layer(jnp.bfloat16).apply(params, y).dtype == jnp.float32
+  grads = jax.grad(loss(jnp.bfloat16))(params)
+  want = jax.grad(loss(jnp.float32))(params)
+  for got, expected in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, atol=0.01 * float(jnp.abs(expected).max()))
 
 
 # ---- Attention -----------------------------------------------------------------------------

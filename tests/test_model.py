@@ -120,6 +120,21 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert np.abs(logits - reference).max() < 0.1
 
 
+def test_bfloat16_decodes_one_sequence_as_its_full_forward():
+  """Catches a bfloat16 matrix-vector product (one sequence, one new token) that XLA CPU
+  cannot run: it multiplies bf16 x bf16 -> f32 only as a YNNPACK matmul of 2 rows or more."""
+  config = GPTConfig(**{**CONFIG.__dict__, "dtype": "bfloat16"})
+  params, tokens = _init(config, batch=1)
+  apply = _apply(config)
+  full, _ = apply(params, tokens)
+  prefill, cache = apply(params, tokens[:, :7], KVCache.create(config, 1))
+  steps = [prefill]
+  for t in range(7, 12):
+    logits, cache = apply(params, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, :12], atol=0.02, rtol=0)
+
+
 def test_shape_errors_name_the_fix():
   with pytest.raises(UserError, match="n_embd=30 is not divisible by model.n_head=4"):
     GPTConfig(vocab_size=10, n_embd=30, n_head=4)

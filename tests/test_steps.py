@@ -4,6 +4,8 @@
 test_bad_input.py.)
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,33 @@ def test_cpu_compiler_options_compute_the_same_bits():
   assert fast_loss == default_loss
   for a, b in zip(jax.tree.leaves(default_params), jax.tree.leaves(fast_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def compiled_dots(hlo: str) -> list[tuple[str, str, str]]:
+  """(lhs, rhs, result) element types of every dot in a compiled module's HLO text."""
+  types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))  # instruction names are module-wide
+  return [(types[lhs], types[rhs], out) for out, lhs, rhs in
+          re.findall(r"= (\w+)\[[\d,]*\]\S* dot\(%([^,\s]+), %([^,\s)]+)\)", hlo)]
+
+
+@pytest.mark.parametrize("block_size", [64, 128])  # attention in 2 and 4 query chunks
+def test_bfloat16_step_multiplies_bfloat16_and_computes_the_rest_in_float32(block_size):
+  """The compiled CPU step under model.dtype=bfloat16. Catches matmuls that XLA CPU upcasts
+  to float32 (a bf16 result, a transposed operand, a float32 output gradient), one it cannot
+  run at all (bf16 x bf16 -> f32 outside YNNPACK fails when called), and softmax, GELU or
+  LayerNorm arithmetic done in bfloat16. (With a single query chunk, block_size < 64, XLA
+  still upcasts one attention-gradient matmul per layer; test_bfloat16_trains_close_to_float32
+  runs that case.)"""
+  config = tiny_config(model__dtype="bfloat16", model__block_size=block_size)
+  model, optimizer = _model_and_optimizer(config, vocab=50)
+  state = steps.init_train_state(model, optimizer, config.seed)
+  step = jax.jit(steps.make_train_step(model, optimizer,
+                                       optim.learning_rate_schedule(config.train), config.seed))
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, 50, (8, block_size + 1)), jnp.int32)
+  compiled = step.lower(state, batch).compile()
+  hlo = compiled.as_text()
+  dots = compiled_dots(hlo)
+  assert dots and set(dots) == {("bf16", "bf16", "f32")}
+  assert not re.search(r"= bf16\[[\d,]*\]\S* (exponential|tanh|rsqrt|log|divide)\(", hlo)
+  _, step_metrics = compiled(state, batch)
+  assert np.isfinite(float(step_metrics["loss"]))
