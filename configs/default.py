@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.1
   config.model.bias = True
   config.model.tie_embeddings = True
-  config.model.dtype = "float32"  # compute dtype; params stay float32
+  config.model.dtype = "float32"  # matmul operands: float32, bfloat16 or auto (bf16 where fast)
   config.model.remat = False  # rematerialise blocks in the backward pass
   config.model.scan_layers = False  # layers under lax.scan: compile time independent of depth
   # Ids the model's embedding holds; 0: the tokenizer's vocabulary (a tokenizer.json's rounded

@@ -31,6 +31,7 @@ def get_config():
   config.model.n_embd = 256
   config.model.block_size = 128
   config.model.dropout = 0.1
+  config.model.dtype = "auto"  # bfloat16 matmuls where the hardware runs them fast
   config.train.batch_size = 16
   config.train.num_steps = 1000
   config.train.learning_rate = 1e-3

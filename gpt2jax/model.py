@@ -48,7 +48,7 @@ class GPTConfig:
           "choose n_embd as a multiple of n_head (e.g. 64 per head)."
       )
     if self.dtype not in DTYPES:
-      raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}.")
+      raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES) + ['auto']}.")
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
       if getattr(self, name) < 1:
         raise UserError(f"model.{name} must be at least 1, got {getattr(self, name)}.")
@@ -67,7 +67,10 @@ class GPTConfig:
   def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
     """Builds the model shape from `config.model` and the tokenizer's vocabulary size."""
     fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: v for k, v in model_config.items() if k in fields})
+    values = {k: v for k, v in model_config.items() if k in fields}
+    if values.get("dtype") == "auto":  # bfloat16 where the hardware multiplies it fast
+      values["dtype"] = kernels.fast_compute_dtype()
+    return cls(vocab_size=vocab_size, **values)
 
 
 def _init(std: float):
