@@ -240,22 +240,22 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  FLAGS = flags.FLAGS
-  if not FLAGS.text:
+  given = flags.FLAGS
+  if not given.text:
     raise app.UsageError("--text=<a text file> is required (the recipe's training text).")
-  train_args = [f"--config={FLAGS.config}", f"--config.data.path={Path(FLAGS.text).resolve()}",
-                *FLAGS.override]
+  train_args = [f"--config={given.config}", f"--config.data.path={Path(given.text).resolve()}",
+                *given.override]
   report = {"machine": results.machine(),
             "command": "python train.py " + " ".join(train_args) + " --workdir=<fresh>",
             "runs": {}}
   with tempfile.TemporaryDirectory(prefix="command-profile-") as tmp:
     cache = Path(tmp) / "xla"  # fresh and empty: the first run compiles everything
-    for name in ("cold", "warm") if FLAGS.warm else ("cold",):
+    for name in ("cold", "warm") if given.warm else ("cold",):
       profile = profile_command(train_args, Path(tmp), cache, name)
       report["runs"][name] = profile
       print(f"\n{name} compilation cache (load {profile['load_before']} -> "
             f"{profile['load_after']}):\n" + "\n".join(table(profile)), flush=True)
-  print(f"wrote {results.write(report, FLAGS.out, 'command-profile')}")
+  print(f"wrote {results.write(report, given.out, 'command-profile')}")
 
 
 if __name__ == "__main__":

@@ -53,17 +53,6 @@ RECIPE_STEPS = 2000
 RECIPE_EVAL_EVERY = 250
 RECIPE_WARMUP = 100
 
-_TEXT = flags.DEFINE_string("text", None, "Tiny Shakespeare (nanoGPT's input.txt).")
-_NANOGPT_DIR = flags.DEFINE_string("nanogpt_dir", None, "A checkout of karpathy/nanoGPT.")
-_TORCH_PYTHON = flags.DEFINE_string("torch_python", None,
-                                    "A Python with torch and numpy (and requests) for nanoGPT.")
-_GPT2JAX_ONLY = flags.DEFINE_bool("gpt2jax_only", False, "Run gpt2jax's side only.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Interleaved rounds.")
-_STEPS = flags.DEFINE_integer("steps", RECIPE_STEPS, "Training steps (a multiple of 8); "
-                              "other than 2000 only for smoke runs.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "OMP_NUM_THREADS for nanoGPT.")
-_OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
-
 _NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 _GPT2JAX_EVAL = re.compile(r"^step (\d+): train ([\d.]+), val ([\d.]+)")
 
@@ -223,15 +212,31 @@ def table(rounds: list[dict]) -> list[str]:
   return rows
 
 
+def _define_flags() -> None:
+  """Only when run as a program, so that tests can import this module beside other
+  benchmarks' flags."""
+  flags.DEFINE_string("text", None, "Tiny Shakespeare (nanoGPT's input.txt).")
+  flags.DEFINE_string("nanogpt_dir", None, "A checkout of karpathy/nanoGPT.")
+  flags.DEFINE_string("torch_python", None,
+                      "A Python with torch, numpy and requests, for nanoGPT.")
+  flags.DEFINE_bool("gpt2jax_only", False, "Run gpt2jax's side only.")
+  flags.DEFINE_integer("rounds", 2, "Interleaved rounds.")
+  flags.DEFINE_integer("steps", RECIPE_STEPS, "Training steps (a multiple of 8); other than "
+                       "2000 only for smoke runs.")
+  flags.DEFINE_integer("torch_threads", 2, "OMP_NUM_THREADS for nanoGPT.")
+  flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
+
+
 def main(argv):
   del argv
-  if not _TEXT.value or not Path(_TEXT.value).is_file():
-    raise SystemExit(f"error: --text={_TEXT.value or ''} must name the training text "
+  given = flags.FLAGS
+  if not given.text or not Path(given.text).is_file():
+    raise SystemExit(f"error: --text={given.text or ''} must name the training text "
                      "(Tiny Shakespeare, nanoGPT's input.txt).")
-  text = Path(_TEXT.value).resolve()
-  steps = schedule(_STEPS.value)["steps"]
-  nanogpt_checked = None if _GPT2JAX_ONLY.value else check_nanogpt(_NANOGPT_DIR.value,
-                                                                   _TORCH_PYTHON.value)
+  text = Path(given.text).resolve()
+  steps = schedule(given.steps)["steps"]
+  nanogpt_checked = None if given.gpt2jax_only else check_nanogpt(given.nanogpt_dir,
+                                                                   given.torch_python)
   report: dict = {"machine": results.machine(), "steps": steps, "rounds": [],
                   "gpt2jax_command": "python train.py " + " ".join(gpt2jax_args(text, steps))
                   + " --workdir=<fresh>  (GPT2JAX_COMPILATION_CACHE=<fresh, then warm>)"}
@@ -240,13 +245,13 @@ def main(argv):
     nanogpt = None
     if nanogpt_checked:
       root, torch_python = nanogpt_checked
-      env = dict(os.environ, OMP_NUM_THREADS=str(_TORCH_THREADS.value), PYTHONIOENCODING="utf-8")
+      env = dict(os.environ, OMP_NUM_THREADS=str(given.torch_threads), PYTHONIOENCODING="utf-8")
       report["nanogpt_command"] = f"python train.py {' '.join(nanogpt_args(steps))}"
       report["nanogpt_dir"] = str(root)
       report["torch"] = torch_info(torch_python, env)
       report["nanogpt_data"] = prepare_nanogpt(root, text, torch_python, tmp / "nanoGPT")
       nanogpt = (tmp / "nanoGPT", torch_python, env)
-    for number in range(1, _ROUNDS.value + 1):
+    for number in range(1, given.rounds + 1):
       report["rounds"].append(race_round(number, text, steps, tmp, nanogpt))
       print("\n".join(table(report["rounds"])[:2] + table(report["rounds"])[-1:]), flush=True)
   ratios = [r["ratios"] for r in report["rounds"] if "ratios" in r]
@@ -254,8 +259,9 @@ def main(argv):
     report["median_ratios"] = {k: statistics.median(r[k] for r in ratios) for k in ratios[0]}
   report["machine"]["load_average_at_end"] = results.load_average()
   print("\n" + "\n".join(table(report["rounds"])))
-  print(f"wrote {results.write(report, _OUT.value, 'nanogpt-race')}")
+  print(f"wrote {results.write(report, given.out, 'nanogpt-race')}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
