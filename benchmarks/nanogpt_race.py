@@ -29,12 +29,14 @@ imports requests and numpy), outside the timed commands. gpt2jax's own data prep
 --steps=S (a multiple of 8) scales the recipe for smoke runs: S steps, learning-rate decay
 over S, warmup S/20 and an evaluation (and gpt2jax checkpoint) every S/8 steps on both sides;
 at 2000 the commands are exactly those above. Prints a table with the ratios
-gpt2jax / nanoGPT of each round and writes benchmarks/results/nanogpt-race-<time>-<host>.json.
+gpt2jax / nanoGPT of each round and writes benchmarks/results/nanogpt-race-<time>-<host>.json
+(rewritten after each round).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
@@ -251,16 +253,25 @@ def main(argv):
       report["torch"] = torch_info(torch_python, env)
       report["nanogpt_data"] = prepare_nanogpt(root, text, torch_python, tmp / "nanoGPT")
       nanogpt = (tmp / "nanoGPT", torch_python, env)
+    written = None
     for number in range(1, given.rounds + 1):
       report["rounds"].append(race_round(number, text, steps, tmp, nanogpt))
       print("\n".join(table(report["rounds"])[:2] + table(report["rounds"])[-1:]), flush=True)
+      written = _write(report, given.out, written)  # a stopped race keeps its finished rounds
+  print("\n" + "\n".join(table(report["rounds"])))
+  print(f"wrote {written}")
+
+
+def _write(report: dict, out_dir: str, path: Path | None) -> Path:
+  """The report with the median ratios of the rounds so far, to path (a new file if None)."""
   ratios = [r["ratios"] for r in report["rounds"] if "ratios" in r]
   if ratios:
     report["median_ratios"] = {k: statistics.median(r[k] for r in ratios) for k in ratios[0]}
-  report["machine"]["load_average_at_end"] = results.load_average()
-  print("\n" + "\n".join(table(report["rounds"])))
-  print(f"wrote {results.write(report, given.out, 'nanogpt-race')}")
-
+  report["machine"]["load_average_now"] = results.load_average()
+  if path is None:
+    return results.write(report, out_dir, "nanogpt-race")
+  path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  return path
 
 if __name__ == "__main__":
   _define_flags()
