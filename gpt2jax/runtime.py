@@ -81,9 +81,10 @@ def compiler_options(platform: str) -> dict[str, int] | None:
   """XLA options for compiling the model's programs on `platform` (a device's .platform).
 
   On CPU, LLVM optimizes the generated code at -O1 instead of -O3: compiling a train step
-  takes about half the time, and the steps run as fast and compute the same bits (README,
-  "Performance", "Fixed costs"), since their time goes to the matmul library's kernels and to
-  loops that XLA has already vectorized. Other platforms keep XLA's defaults.
+  takes a quarter to almost half less time, and the steps run as fast and compute the same
+  bits (README, "Performance", "End to end on a quiet host"), since their time goes to the
+  matmul library's kernels and to loops that XLA has already vectorized. Other platforms keep
+  XLA's defaults.
   """
   return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
 
