@@ -48,7 +48,8 @@ class GPTConfig:
           "choose n_embd as a multiple of n_head (e.g. 64 per head)."
       )
     if self.dtype not in DTYPES:
-      raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES) + ['auto']}.")
+      raise UserError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}, or 'auto' "
+                      "(bfloat16 where the hardware multiplies it fast, else float32).")
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
       if getattr(self, name) < 1:
         raise UserError(f"model.{name} must be at least 1, got {getattr(self, name)}.")
