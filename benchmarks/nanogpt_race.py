@@ -68,8 +68,10 @@ def schedule(steps: int) -> dict:
           "warmup": max(1, steps * RECIPE_WARMUP // RECIPE_STEPS)}
 
 
-def gpt2jax_args(text: Path, steps: int) -> list[str]:
+def gpt2jax_args(text: Path, steps: int, dropout: float = 0.0) -> list[str]:
   args = ["--config=configs/shakespeare_char_cpu.py", f"--config.data.path={text}"]
+  if dropout:  # the recipe trains without; --dropout races the same recipe with it
+    args.append(f"--config.model.dropout={dropout}")
   if steps != RECIPE_STEPS:
     s = schedule(steps)
     args += [f"--config.train.num_steps={steps}", f"--config.train.decay_steps={steps}",
@@ -79,11 +81,11 @@ def gpt2jax_args(text: Path, steps: int) -> list[str]:
   return args
 
 
-def nanogpt_args(steps: int) -> list[str]:
+def nanogpt_args(steps: int, dropout: float = 0.0) -> list[str]:
   args = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
           "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
           "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={steps}",
-          f"--lr_decay_iters={steps}", "--dropout=0.0"]
+          f"--lr_decay_iters={steps}", f"--dropout={float(dropout)}"]
   if steps != RECIPE_STEPS:
     s = schedule(steps)
     args += [f"--eval_interval={s['eval_every']}", f"--warmup_iters={s['warmup']}"]
@@ -144,9 +146,11 @@ def prepare_nanogpt(root: Path, text: Path, torch_python: str, into: Path) -> di
   return {"prepare_output": done.stdout.strip().splitlines()}
 
 
-def run_gpt2jax(text: Path, steps: int, tmp: Path, name: str, cache: Path) -> dict:
+def run_gpt2jax(text: Path, steps: int, tmp: Path, name: str, cache: Path,
+                dropout: float = 0.0) -> dict:
   workdir = tmp / name
-  command = [sys.executable, "train.py", *gpt2jax_args(text, steps), f"--workdir={workdir}"]
+  command = [sys.executable, "train.py", *gpt2jax_args(text, steps, dropout),
+             f"--workdir={workdir}"]
   run = command_profile.run_timestamped(command, REPO, command_profile.gpt2jax_env(cache))
   if run.returncode:
     raise SystemExit(f"{' '.join(command)} failed (exit {run.returncode}):\n{run.output_tail()}")
@@ -156,9 +160,10 @@ def run_gpt2jax(text: Path, steps: int, tmp: Path, name: str, cache: Path) -> di
   return result
 
 
-def run_nanogpt(copy: Path, torch_python: str, env: dict[str, str], steps: int) -> dict:
+def run_nanogpt(copy: Path, torch_python: str, env: dict[str, str], steps: int,
+                dropout: float = 0.0) -> dict:
   shutil.rmtree(copy / "out-shakespeare-char", ignore_errors=True)  # its out_dir
-  command = [torch_python, "train.py", *nanogpt_args(steps)]
+  command = [torch_python, "train.py", *nanogpt_args(steps, dropout)]
   run = command_profile.run_timestamped(command, copy, env)
   if run.returncode:
     raise SystemExit(f"nanoGPT failed (exit {run.returncode}):\n{run.output_tail()}")
@@ -170,20 +175,21 @@ def _summary(run: command_profile.TimedRun, val_loss: float) -> dict:
           "load_before": run.load_before, "load_after": run.load_after}
 
 
-def race_round(number: int, text: Path, steps: int, tmp: Path, nanogpt) -> dict:
+def race_round(number: int, text: Path, steps: int, tmp: Path, nanogpt,
+               dropout: float = 0.0) -> dict:
   """One round: gpt2jax cold then warm, and nanoGPT (first on even rounds)."""
   started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   runs: dict = {}
 
   def gpt2jax_side():
     cache = tmp / f"xla-{number}"  # fresh and empty: the cold run compiles everything
-    runs["gpt2jax_cold"] = run_gpt2jax(text, steps, tmp, f"cold-{number}", cache)
-    runs["gpt2jax_warm"] = run_gpt2jax(text, steps, tmp, f"warm-{number}", cache)
+    runs["gpt2jax_cold"] = run_gpt2jax(text, steps, tmp, f"cold-{number}", cache, dropout)
+    runs["gpt2jax_warm"] = run_gpt2jax(text, steps, tmp, f"warm-{number}", cache, dropout)
     shutil.rmtree(cache, ignore_errors=True)
 
   def nanogpt_side():
     if nanogpt:
-      runs["nanogpt"] = run_nanogpt(*nanogpt, steps)
+      runs["nanogpt"] = run_nanogpt(*nanogpt, steps, dropout)
 
   for side in ((gpt2jax_side, nanogpt_side) if number % 2 else (nanogpt_side, gpt2jax_side)):
     side()
@@ -226,6 +232,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", RECIPE_STEPS, "Training steps (a multiple of 8); other than "
                        "2000 only for smoke runs.")
   flags.DEFINE_integer("torch_threads", 2, "OMP_NUM_THREADS for nanoGPT.")
+  flags.DEFINE_float("dropout", 0.0, "Dropout on both sides (the recipe has none; nanoGPT's "
+                     "Shakespeare config has 0.2).")
   flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
 
 
@@ -239,8 +247,10 @@ def main(argv):
   steps = schedule(given.steps)["steps"]
   nanogpt_checked = None if given.gpt2jax_only else check_nanogpt(given.nanogpt_dir,
                                                                    given.torch_python)
-  report: dict = {"machine": results.machine(), "steps": steps, "rounds": [],
-                  "gpt2jax_command": "python train.py " + " ".join(gpt2jax_args(text, steps))
+  dropout = given.dropout
+  report: dict = {"machine": results.machine(), "steps": steps, "dropout": dropout,
+                  "rounds": [], "gpt2jax_command": "python train.py "
+                  + " ".join(gpt2jax_args(text, steps, dropout))
                   + " --workdir=<fresh>  (GPT2JAX_COMPILATION_CACHE=<fresh, then warm>)"}
   with tempfile.TemporaryDirectory(prefix="nanogpt-race-") as tmp_name:
     tmp = Path(tmp_name)
@@ -248,14 +258,14 @@ def main(argv):
     if nanogpt_checked:
       root, torch_python = nanogpt_checked
       env = dict(os.environ, OMP_NUM_THREADS=str(given.torch_threads), PYTHONIOENCODING="utf-8")
-      report["nanogpt_command"] = f"python train.py {' '.join(nanogpt_args(steps))}"
+      report["nanogpt_command"] = f"python train.py {' '.join(nanogpt_args(steps, dropout))}"
       report["nanogpt_dir"] = str(root)
       report["torch"] = torch_info(torch_python, env)
       report["nanogpt_data"] = prepare_nanogpt(root, text, torch_python, tmp / "nanoGPT")
       nanogpt = (tmp / "nanoGPT", torch_python, env)
     written = None
     for number in range(1, given.rounds + 1):
-      report["rounds"].append(race_round(number, text, steps, tmp, nanogpt))
+      report["rounds"].append(race_round(number, text, steps, tmp, nanogpt, dropout))
       print("\n".join(table(report["rounds"])[:2] + table(report["rounds"])[-1:]), flush=True)
       written = _write(report, given.out, written)  # a stopped race keeps its finished rounds
   print("\n" + "\n".join(table(report["rounds"])))

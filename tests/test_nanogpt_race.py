@@ -27,6 +27,15 @@ def test_at_2000_steps_both_commands_are_the_recipes_own():
       "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0")
 
 
+def test_dropout_reaches_both_sides_and_zero_keeps_the_recipe():
+  """Catches --dropout raced on one side only, or changing the recipe's own commands."""
+  assert "--config.model.dropout=0.2" in nanogpt_race.gpt2jax_args(Path("t"), 2000, 0.2)
+  assert "--dropout=0.2" in nanogpt_race.nanogpt_args(2000, 0.2)
+  assert nanogpt_race.gpt2jax_args(Path("t"), 2000, 0.0) == nanogpt_race.gpt2jax_args(
+      Path("t"), 2000)
+  assert "--dropout=0.0" in nanogpt_race.nanogpt_args(2000, 0.0)
+
+
 def test_steps_scale_both_schedules_alike():
   assert nanogpt_race.nanogpt_args(16)[-4:] == [
       "--lr_decay_iters=16", "--dropout=0.0", "--eval_interval=2", "--warmup_iters=1"]
