@@ -13,7 +13,6 @@
   that read it.
 - `matmul` / `product`: every product above, with its operands in the compute dtype
   (model.dtype) and its accumulation and result in float32.
-- `fast_compute_dtype`: what model.dtype="auto" means on a device.
 
 Numerics: the compute dtype is that of the matmuls' operands only. Their results, the bias,
 and so everything elementwise after them (residual adds, GELU, LayerNorm, softmax) are
@@ -48,37 +47,6 @@ import jax
 import jax.numpy as jnp
 
 _BARRIER = jax.lax.optimization_barrier
-
-
-# ---- The compute dtype -----------------------------------------------------------------------
-
-def fast_compute_dtype(device: Any = None) -> str:
-  """What model.dtype="auto" computes in on `device` (default: the first one): "bfloat16"
-  where matmuls run fast in it -- TPUs, GPUs from compute capability 8.0 (A100, RTX 30xx)
-  on, CPUs with bfloat16 matrix instructions (x86 AVX512_BF16 or AMX) -- else "float32"
-  (an older GPU or CPU would convert every bfloat16 matmul to float32, or emulate it)."""
-  device = device or jax.devices()[0]
-  if device.platform == "tpu":
-    return "bfloat16"
-  if device.platform == "gpu":
-    capability = getattr(device, "compute_capability", None)  # CUDA only
-    return "bfloat16" if capability and float(capability) >= 8.0 else "float32"
-  if device.platform == "cpu" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
-    return "bfloat16"
-  return "float32"
-
-
-@functools.cache
-def _cpu_flags() -> frozenset:
-  """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-      for line in cpuinfo:
-        if line.startswith("flags"):
-          return frozenset(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return frozenset()
 _MIN_CHUNK = 32  # queries per attention chunk, at least
 
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt2jax import kernels
+from gpt2jax import kernels, runtime
 from gpt2jax.errors import UserError
 from gpt2jax.parallel import constrain_to_batch_axes
 
@@ -70,7 +70,7 @@ class GPTConfig:
     fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
     values = {k: v for k, v in model_config.items() if k in fields}
     if values.get("dtype") == "auto":  # bfloat16 where the hardware multiplies it fast
-      values["dtype"] = kernels.fast_compute_dtype()
+      values["dtype"] = runtime.fast_compute_dtype()
     return cls(vocab_size=vocab_size, **values)
 
 

@@ -16,15 +16,20 @@ These are the mallopt equivalents of
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
 and take effect for every later allocation of the process. Nothing happens on a non-glibc
 system, or when GPT2JAX_NO_MALLOPT=1 is set (to measure the difference).
+
+What the hardware wants: `compiler_options` (how XLA compiles the model's programs on a
+platform) and `fast_compute_dtype` (what model.dtype="auto" means on a device).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -87,6 +92,35 @@ def compiler_options(platform: str) -> dict[str, int] | None:
   XLA's defaults.
   """
   return {"xla_backend_optimization_level": 1} if platform == "cpu" else None
+
+
+def fast_compute_dtype(device: Any = None) -> str:
+  """What model.dtype="auto" computes in on `device` (default: the first one): "bfloat16"
+  where matmuls run fast in it -- TPUs, GPUs from compute capability 8.0 (A100, RTX 30xx)
+  on, CPUs with bfloat16 matrix instructions (x86 AVX512_BF16 or AMX) -- else "float32"
+  (an older GPU or CPU would convert every bfloat16 matmul to float32, or emulate it)."""
+  device = device or jax.devices()[0]
+  if device.platform == "tpu":
+    return "bfloat16"
+  if device.platform == "gpu":
+    capability = getattr(device, "compute_capability", None)  # CUDA only
+    return "bfloat16" if capability and float(capability) >= 8.0 else "float32"
+  if device.platform == "cpu" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    return "bfloat16"
+  return "float32"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset:
+  """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
 
 
 def tune_allocator() -> bool:

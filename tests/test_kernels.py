@@ -333,31 +333,3 @@ def test_decoding_token_by_token_through_the_cache_equals_the_full_forward():
     outputs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outputs, axis=2), _reference_attention(q, k, v),
                              atol=1e-5)
-
-
-@pytest.mark.parametrize("device, flags, expected", [
-    (dict(platform="tpu"), set(), "bfloat16"),
-    (dict(platform="gpu", compute_capability="8.0"), set(), "bfloat16"),
-    (dict(platform="gpu", compute_capability="7.5"), set(), "float32"),  # T4, V100: no bf16
-    (dict(platform="gpu"), set(), "float32"),  # ROCm: not measured
-    (dict(platform="cpu"), {"avx512f", "avx512_bf16"}, "bfloat16"),
-    (dict(platform="cpu"), {"amx_bf16"}, "bfloat16"),
-    (dict(platform="cpu"), {"avx512f", "avx2"}, "float32"),
-])
-def test_auto_dtype_is_bfloat16_only_where_it_multiplies_fast(monkeypatch, device, flags,
-                                                              expected):
-  """Catches model.dtype=auto choosing bfloat16 on hardware that would emulate or upcast it
-  (slower than float32), or float32 where bfloat16 is fast."""
-  import types
-  monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset(flags))
-  assert kernels.fast_compute_dtype(types.SimpleNamespace(**device)) == expected
-
-
-def test_auto_dtype_resolves_in_the_model_config(monkeypatch):
-  import ml_collections
-  from gpt2jax.model import GPTConfig
-  model_config = ml_collections.ConfigDict({"dtype": "auto", "n_layer": 1, "n_head": 1,
-                                            "n_embd": 8, "block_size": 8})
-  for flags, expected in (({"avx512_bf16"}, "bfloat16"), (set(), "float32")):
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda flags=flags: frozenset(flags))
-    assert GPTConfig.from_config(model_config, vocab_size=11).dtype == expected
