@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import results
+from benchmarks import command_profile, results
 from configs import default
 from gpt2jax import optim, runtime, sampling
 from gpt2jax.flops import gpt_flops_per_token
@@ -166,22 +164,12 @@ def _run_command(args: list[str], cwd: Path, *, compilation_cache: Path,
   compilation_cache: the command's compilation cache directory (a fresh one: nothing cached),
   used in place of any the caller's environment names.
   """
-  env = dict(os.environ, PYTHONIOENCODING="utf-8")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  env[runtime.CACHE_ENV] = str(compilation_cache)
-  start = time.perf_counter()
-  proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, encoding="utf-8")
-  matched, lines = None, []
-  for line in proc.stdout:
-    lines.append(line)
-    if matched is None and until and re.search(until, line):
-      matched = time.perf_counter() - start
-  proc.wait()
-  total = time.perf_counter() - start
-  if proc.returncode:
-    raise RuntimeError(f"{' '.join(args)} failed:\n{''.join(lines[-30:])}")
-  return matched, "".join(lines), total
+  run = command_profile.run_timestamped(args, cwd, command_profile.gpt2jax_env(compilation_cache))
+  if run.returncode:
+    raise RuntimeError(f"{' '.join(args)} failed:\n{run.output_tail()}")
+  matched = next((seconds for seconds, text in run.lines if until and re.search(until, text)),
+                 None)
+  return matched, "\n".join(text for _, text in run.lines), run.wall_seconds
 
 
 def startup_time(shape: Shape, corpus: Path) -> dict:
