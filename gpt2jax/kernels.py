@@ -230,7 +230,16 @@ def _transposed(a):
   swapped = a.swapaxes(-1, -2)
   if a.dtype.itemsize >= 4:
     return _BARRIER(swapped)
-  return _BARRIER(swapped.reshape(-1)).reshape(swapped.shape)
+  return _row_major(swapped)
+
+
+def _row_major(a):
+  """a as a row-major array of its own, when 16-bit: XLA may keep a transpose as a layout
+  change (a column-major operand), which makes XLA CPU upcast a bf16 matmul to float32.
+  Going through a flat copy makes the transpose real; the barrier keeps it."""
+  if a.dtype.itemsize >= 4:
+    return a
+  return _BARRIER(a.reshape(-1)).reshape(a.shape)
 
 
 # ---- Dropout ---------------------------------------------------------------------------------
@@ -365,7 +374,7 @@ def causal_attention(q, k, v, chunks: int | None = None):
   chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
   q = q * jnp.asarray(_scale(q), q.dtype)
   return jax.lax.platform_dependent(
-      q, k, v, cpu=lambda q, k, v: _chunked_attention(q, k, v, (), chunks, None),
+      q, k, v, cpu=lambda q, k, v: _chunked_attention(*_rows(q, k, v), (), chunks, None),
       default=_fused_attention)
 
 
@@ -384,7 +393,7 @@ def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = Non
 
   def chunked(q, k, v, key):
     masks = dropout_masks(key, q.shape, chunks, threshold)
-    return _chunked_attention(q, k, v, masks, chunks, threshold)
+    return _chunked_attention(*_rows(q, k, v), masks, chunks, threshold)
 
   def whole(q, k, v, key):
     (keep,) = dropout_masks(key, q.shape, 1, threshold)
@@ -393,6 +402,12 @@ def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = Non
     return weighted_values(apply_keep(weights, keep, threshold), (v,))
 
   return jax.lax.platform_dependent(q, k, v, key, cpu=chunked, default=whole)
+
+
+def _rows(*arrays):
+  """The chunked kernel's q, k, v, row-major: heads split off [batch, time, ...] arrive as a
+  transposed layout, and its matmuls slice them per chunk."""
+  return tuple(_row_major(a) for a in arrays)
 
 
 def attention_chunks(time: int) -> int:

@@ -98,8 +98,10 @@ class CausalSelfAttention(nn.Module):
     batch, time, _ = x.shape
     qkv = kernels.Dense(3 * cfg.n_embd, cfg.bias, cfg.compute_dtype, _init(0.02),
                         name="c_attn")(x).astype(cfg.compute_dtype)  # q, k, v feed matmuls
-    qkv = qkv.reshape(batch, time, 3, cfg.n_head, cfg.head_dim)
-    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [batch, heads, time, head_dim]
+    # Split before moving the heads out, so that the gradient joins dq, dk, dv in one
+    # concatenation (unpacking a [3, ...] array would pad and add them).
+    q, k, v = (t.reshape(batch, time, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)
+               for t in jnp.split(qkv, 3, axis=-1))  # each [batch, heads, time, head_dim]
     if layer_cache is None:
       record = self.is_mutable_collection("intermediates")  # attention maps (plots.py)
       y, weights = kernels.attention(q, k, v, dropout_rate=cfg.dropout,

@@ -152,7 +152,9 @@ def test_bfloat16_step_multiplies_bfloat16_and_computes_the_rest_in_float32(bloc
   """The compiled CPU step under model.dtype=bfloat16. Catches matmuls that XLA CPU upcasts
   to float32 (a bf16 result, a transposed operand, a float32 output gradient), one it cannot
   run at all (bf16 x bf16 -> f32 outside YNNPACK fails when called), and softmax, GELU or
-  LayerNorm arithmetic done in bfloat16. (With a single query chunk, block_size < 64, XLA
+  LayerNorm arithmetic done in bfloat16, and a pad: the gradients of q, k and v must be
+  joined by one concatenation (unpacking a [3, ...] array pads and adds them, which XLA CPU
+  does element by element in bfloat16, a quarter of the recipe's step). (With a single query chunk, block_size < 64, XLA
   still upcasts one attention-gradient matmul per layer; test_bfloat16_trains_close_to_float32
   runs that case.)"""
   config = tiny_config(model__dtype="bfloat16", model__block_size=block_size)
@@ -166,5 +168,6 @@ def test_bfloat16_step_multiplies_bfloat16_and_computes_the_rest_in_float32(bloc
   dots = compiled_dots(hlo)
   assert dots and set(dots) == {("bf16", "bf16", "f32")}
   assert not re.search(r"= bf16\[[\d,]*\]\S* (exponential|tanh|rsqrt|log|divide)\(", hlo)
+  assert " pad(" not in hlo
   _, step_metrics = compiled(state, batch)
   assert np.isfinite(float(step_metrics["loss"]))
