@@ -9,13 +9,16 @@ The same run as nanoGPT's
 first 90% of the text for training, last 10% for validation; 4 layers, 4 heads, n_embd 128,
 block 64, batch 12, biases, no dropout; 2000 steps of AdamW (lr 1e-3, beta2 0.99, weight
 decay 0.1, clip 1.0), 100 warmup steps then cosine decay to 1e-4 at step 2000; evaluation
-every 250 steps on 20 batches, a checkpoint at each. Like nanoGPT's it prints no samples
+every 250 steps on 20 batches, a checkpoint at each. model.dtype=auto: bfloat16 matmul
+operands (float32 accumulation, parameters and everything else float32) on CPUs with bfloat16
+instructions (AVX512_BF16 or AMX), TPUs and recent GPUs, float32 elsewhere;
+--config.model.dtype=float32 is nanoGPT's own CPU numerics. Like nanoGPT's it prints no samples
 (set --config.train.sample_tokens=200 for one at every evaluation). It reaches a validation
 loss of about 1.87 at step 2000; README, "Performance", has its wall time.
 
 With --config.train.optimizer=muon (Muon on the blocks' kernels, muon_learning_rate 0.02) the
 same 2000 steps reach a validation loss of 1.60, and AdamW's 1.87 by step 850; its step is
-about 1.8x slower on this small model, so its time to that loss is about 0.75x AdamW's
+about 1.8x slower on this small model in float32, so its time to that loss is about 0.75x AdamW's
 (README, "Performance", "Muon"). The recipe keeps AdamW, as nanoGPT's does.
 """
 
@@ -30,6 +33,7 @@ def get_config():
   config.model.block_size = 64
   config.model.dropout = 0.0
   config.model.bias = True
+  config.model.dtype = "auto"  # bfloat16 matmuls where the hardware runs them fast
   config.tokenizer.kind = "char"
   config.data.corpus = "text"
   config.data.separator = ""  # the whole file is one document
