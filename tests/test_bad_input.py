@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
@@ -177,6 +178,15 @@ def test_skip_nonfinite_drops_the_update_but_counts_the_step(tiny_text_file, tmp
   guard.check_params(state.params, 1)
   with pytest.raises(errors.TrainingDiverged, match="Not saving checkpoint 1"):
     guard.check_params(poisoned.params, 1)
+
+
+@pytest.mark.parametrize("value, finite", [(np.inf, False), (-np.inf, False), (np.nan, False),
+                                          (3e38, True)])  # (3e38: sums overflow, values do not)
+def test_all_finite_finds_one_nonfinite_value_among_many_large_ones(value, finite):
+  tree = {"a": np.full((4, 5), 3e38, np.float32), "b": np.ones(7, np.float32),
+          "c": np.arange(3, dtype=np.int32)}
+  tree["b"][3] = value
+  assert all_finite(tree) == finite
 
 
 SAMPLING_CASES = {
