@@ -14,9 +14,8 @@ Longer runs (--config.train.num_steps=N) cost about 0.55 s a step on that machin
 
 model.dtype=auto: bfloat16 matmuls on TPUs, recent GPUs and CPUs with bfloat16 instructions
 (AVX512_BF16, AMX), float32 elsewhere. On a 2-core AMD EPYC VM (AVX-512 BF16) it trained
-1.32-1.40x the tokens/s of float32, to the same validation loss at step 150, and its step
-is now 1.58x the float32 step of before, since q, k and v reach the attention as bf16
-row-major arrays (README, "Performance"); --config.model.dtype=float32 keeps float32.
+1.55-1.75x the tokens/s of float32 over steps 51-150, to the same validation loss at step
+150 (README, "Performance"); --config.model.dtype=float32 keeps float32 everywhere.
 
 --config.train.optimizer=muon (Muon on the blocks' kernels) was measured over the first 300
 steps of this run: validation loss 5.94 at step 300 against AdamW's 6.07, AdamW's step-300

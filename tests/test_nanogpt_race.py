@@ -1,5 +1,5 @@
-"""benchmarks/nanogpt_race.py and benchmarks/command_profile.py: the commands they run, what
-they parse from the output, and the JSON they write (never the times themselves)."""
+"""benchmarks/nanogpt_race.py, command_profile.py and step_race.py: the commands they run,
+what they parse from the output, and the JSON they write (never the times themselves)."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from absl import app
 
-from benchmarks import command_profile, nanogpt_race
+from benchmarks import command_profile, nanogpt_race, step_race
 from conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,3 +167,30 @@ def test_the_command_profile_marks_the_end_of_train_pys_imports(tmp_path):
   assert sorted(map(int, profile["evaluations"])) == [4, 8]
   assert list(profile["checkpoint_saves"]) == ["4"]
   assert "| imports (process start to import mark) |" in done.stdout
+
+
+def test_a_step_race_variant_names_a_checkout_and_a_dtype(tmp_path):
+  assert str(step_race.Variant.parse(".:bfloat16:0.2")) == ".:bfloat16:0.2"
+  assert step_race.Variant.parse(f"{REPO}:float32").dropout is None
+  with pytest.raises(app.UsageError, match="not CHECKOUT:DTYPE"):
+    step_race.Variant.parse(".:float64")
+  with pytest.raises(app.UsageError, match="not a gpt2jax checkout.*git worktree add"):
+    step_race.Variant.parse(f"{tmp_path}:float32")
+
+
+@pytest.mark.slow
+def test_the_step_race_runs_every_variant_in_turn_and_writes_its_json(tmp_path):
+  """Catches a variant's step not built from its own checkout (the modules of the one before
+  kept), or a JSON that misses what README reads."""
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step_race", "--shape=R", "--rounds=2", "--steps=1",
+       "--variants=.:float32,.:bfloat16,.:float32:0.2", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=600)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  (written,) = tmp_path.glob("step-race-R-*.json")
+  report = json.loads(written.read_text(encoding="utf-8"))
+  assert [v["variant"] for v in report["variants"]] == [
+      ".:float32", ".:bfloat16", ".:float32:0.2"]
+  assert all(len(v["block_ms"]) == 2 and v["median_ms"] > 0 for v in report["variants"])
+  assert report["variants"][0]["speed_vs_first"] == 1.0
+  assert "| .:bfloat16 |" in done.stdout
