@@ -11,9 +11,12 @@ took at least _CACHE_MIN_COMPILE_SECONDS to compile are kept (op-by-op dispatche
 Allocator: the compiled training step needs a large temporary buffer (hundreds of MB) at every
 call. glibc serves blocks that large with mmap and returns them with munmap, so each step pays
 tens of thousands of page faults (README, "Performance", has the cost). Keeping freed memory in the
-heap instead (no mmap for large blocks, no trimming, one arena) removes that cost.
-These are the mallopt equivalents of
-  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
+heap instead (no mmap for large blocks, no trimming) removes that cost. At most _ARENAS
+arenas: one made every thread (XLA's workers, the compiling threads, Python's) take turns at
+one lock and share one heap fragmented by compilation, which left the steps of a run that
+compiled 10-30% slower than those of a run that loaded its programs from the cache (README,
+"Performance", "End to end on a quiet host"). These are the mallopt equivalents of
+  GLIBC_TUNABLES=glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
 and take effect for every later allocation of the process. Nothing happens on a non-glibc
 system, or when GPT2JAX_NO_MALLOPT=1 is set (to measure the difference).
 
@@ -37,6 +40,7 @@ import jax
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+_ARENAS = 4  # 1: the steps 1.1-1.4x slower on the CPU recipe; glibc's default: 8 per core
 
 _applied: bool | None = None
 _libc = None  # glibc, once tune_allocator has tuned it
@@ -138,7 +142,7 @@ def tune_allocator() -> bool:
     return False  # not glibc (macOS, musl): nothing to tune
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   mallopt.restype = ctypes.c_int
-  ok = mallopt(_M_ARENA_MAX, 1) == 1
+  ok = mallopt(_M_ARENA_MAX, _ARENAS) == 1
   ok &= mallopt(_M_MMAP_MAX, 0) == 1
   ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
   _applied = bool(ok)
