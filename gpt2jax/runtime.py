@@ -14,7 +14,7 @@ tens of thousands of page faults (README, "Performance", has the cost). Keeping 
 heap instead (no mmap for large blocks, no trimming) removes that cost. At most _ARENAS
 arenas: one made every thread (XLA's workers, the compiling threads, Python's) take turns at
 one lock and share one heap fragmented by compilation, which left the steps of a run that
-compiled 10-30% slower than those of a run that loaded its programs from the cache (README,
+compiled 8-30% slower than those of a run that loaded its programs from the cache (README,
 "Performance", "End to end on a quiet host"). These are the mallopt equivalents of
   GLIBC_TUNABLES=glibc.malloc.arena_max=4:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...
 and take effect for every later allocation of the process. Nothing happens on a non-glibc
