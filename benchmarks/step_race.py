@@ -30,12 +30,6 @@ from benchmarks import results
 
 REPO = Path(__file__).resolve().parent.parent
 
-_SHAPE = flags.DEFINE_string("shape", "R", "A shape of benchmarks/measure.py (R, A, B, Bd, C, H).")
-_VARIANTS = flags.DEFINE_list("variants", [".:float32", ".:bfloat16"],
-                              "CHECKOUT:DTYPE[:DROPOUT], the first one the baseline.")
-_ROUNDS = flags.DEFINE_integer("rounds", 12, "Blocks per variant.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Steps per block.")
-_OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
 
 
 @dataclasses.dataclass
@@ -120,27 +114,40 @@ def _load1() -> float:
   return (results.load_average() or [float("nan")])[0]
 
 
+def _define_flags() -> None:
+  """Only when run as a program: the tests import this module beside benchmarks.profile,
+  whose --shape is its own."""
+  flags.DEFINE_string("shape", "R", "A shape of benchmarks/measure.py (R, A, B, Bd, C, H).")
+  flags.DEFINE_list("variants", [".:float32", ".:bfloat16"],
+                    "CHECKOUT:DTYPE[:DROPOUT], the first one the baseline.")
+  flags.DEFINE_integer("rounds", 12, "Blocks per variant.")
+  flags.DEFINE_integer("steps", 10, "Steps per block.")
+  flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
+
+
 def main(argv):
   del argv
-  variants = [Variant.parse(spec) for spec in _VARIANTS.value]
-  runs = [prepare(variant, _SHAPE.value) for variant in variants]
+  given = flags.FLAGS
+  variants = [Variant.parse(spec) for spec in given.variants]
+  runs = [prepare(variant, given.shape) for variant in variants]
   load_before = _load1()
-  race(runs, _ROUNDS.value, _STEPS.value)
+  race(runs, given.rounds, given.steps)
   baseline = statistics.median(runs[0].block_ms)
   rows = [{"variant": str(run.variant), "median_ms": statistics.median(run.block_ms),
            "fastest_ms": min(run.block_ms), "block_ms": run.block_ms,
            "speed_vs_first": baseline / statistics.median(run.block_ms)} for run in runs]
-  print(f"shape {_SHAPE.value}, {_ROUNDS.value} rounds of {_STEPS.value} steps, "
+  print(f"shape {given.shape}, {given.rounds} rounds of {given.steps} steps, "
         f"load {load_before:.1f} -> {_load1():.1f}")
   print("| variant | median ms/step | fastest | speed against the first |\n| --- | ---: | ---: | ---: |")
   for row in rows:
     print(f"| {row['variant']} | {row['median_ms']:.2f} | {row['fastest_ms']:.2f} | "
           f"{row['speed_vs_first']:.3f}× |")
-  path = results.write({"machine": results.machine(), "shape": _SHAPE.value,
-                        "rounds": _ROUNDS.value, "steps": _STEPS.value, "variants": rows},
-                       _OUT.value, f"step-race-{_SHAPE.value}")
+  path = results.write({"machine": results.machine(), "shape": given.shape,
+                        "rounds": given.rounds, "steps": given.steps, "variants": rows},
+                       given.out, f"step-race-{given.shape}")
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
