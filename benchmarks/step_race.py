@@ -31,7 +31,6 @@ from benchmarks import results
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 @dataclasses.dataclass
 class Variant:
   checkout: Path
