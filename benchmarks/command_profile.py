@@ -68,14 +68,9 @@ class TimedRun:
     return "\n".join(text for _, text in self.lines[-n:])
 
 
-def _load1() -> float | None:
-  load = results.load_average()
-  return load[0] if load else None
-
-
 def run_timestamped(command: list[str], cwd: Path, env: dict[str, str]) -> TimedRun:
   """Runs command (stdout and stderr merged, unbuffered) and stamps each line as it arrives."""
-  run = TimedRun(command=command, load_before=_load1())
+  run = TimedRun(command=command, load_before=results.load_1min())
   start = time.perf_counter()
   process = subprocess.Popen(command, cwd=cwd, env=dict(env, PYTHONUNBUFFERED="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -84,7 +79,7 @@ def run_timestamped(command: list[str], cwd: Path, env: dict[str, str]) -> Timed
     run.lines.append((time.perf_counter() - start, line.rstrip("\n")))
   run.returncode = process.wait()
   run.wall_seconds = time.perf_counter() - start
-  run.load_after = _load1()
+  run.load_after = results.load_1min()
   return run
 
 

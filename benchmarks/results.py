@@ -21,6 +21,12 @@ def load_average() -> list[float] | None:
     return None
 
 
+def load_1min() -> float | None:
+  """The 1-minute load average, None where the system has none."""
+  load = load_average()
+  return load[0] if load else None
+
+
 def machine() -> dict:
   """The host, its CPU, memory, Python and load average."""
   cpu = platform.processor()

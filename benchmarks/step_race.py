@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+import jax
 
 from benchmarks import results
+from gpt2jax.model import DTYPES  # this checkout's; each variant's own gpt2jax is imported later
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,7 @@ class Variant:
   @classmethod
   def parse(cls, spec: str) -> "Variant":
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[1] not in ("float32", "bfloat16", "float16"):
+    if len(parts) not in (2, 3) or parts[1] not in DTYPES:
       raise app.UsageError(f"--variants: {spec!r} is not CHECKOUT:DTYPE[:DROPOUT], e.g. "
                            ".:bfloat16 or ../before:float32:0.2")
     checkout = (REPO if parts[0] == "." else Path(parts[0])).resolve()
@@ -78,7 +80,6 @@ class Run:
   block_ms: list = dataclasses.field(default_factory=list)
 
   def block(self, steps: int) -> None:
-    import jax
     start = time.perf_counter()
     for i in range(steps):
       self.state, metrics = self.step(self.state, self.batches[i % 2])
@@ -88,7 +89,6 @@ class Run:
 
 def prepare(variant: Variant, shape_name: str) -> Run:
   """The variant's compiled step, its state and batches, after three warm-up steps."""
-  import jax
   measure = import_measure(variant.checkout)
   if shape_name not in measure.SHAPES:
     raise app.UsageError(f"--shape={shape_name} is not one of {sorted(measure.SHAPES)}.")
@@ -109,10 +109,6 @@ def race(runs: list[Run], rounds: int, steps: int) -> None:
       run.block(steps)
 
 
-def _load1() -> float:
-  return (results.load_average() or [float("nan")])[0]
-
-
 def _define_flags() -> None:
   """Only when run as a program: the tests import this module beside benchmarks.profile,
   whose --shape is its own."""
@@ -129,14 +125,14 @@ def main(argv):
   given = flags.FLAGS
   variants = [Variant.parse(spec) for spec in given.variants]
   runs = [prepare(variant, given.shape) for variant in variants]
-  load_before = _load1()
+  load_before = results.load_1min()
   race(runs, given.rounds, given.steps)
   baseline = statistics.median(runs[0].block_ms)
   rows = [{"variant": str(run.variant), "median_ms": statistics.median(run.block_ms),
            "fastest_ms": min(run.block_ms), "block_ms": run.block_ms,
            "speed_vs_first": baseline / statistics.median(run.block_ms)} for run in runs]
   print(f"shape {given.shape}, {given.rounds} rounds of {given.steps} steps, "
-        f"load {load_before:.1f} -> {_load1():.1f}")
+        f"load {load_before} -> {results.load_1min()}")
   print("| variant | median ms/step | fastest | speed against the first |\n| --- | ---: | ---: | ---: |")
   for row in rows:
     print(f"| {row['variant']} | {row['median_ms']:.2f} | {row['fastest_ms']:.2f} | "

@@ -154,7 +154,8 @@ def test_bfloat16_step_multiplies_bfloat16_and_computes_the_rest_in_float32(bloc
   run at all (bf16 x bf16 -> f32 outside YNNPACK fails when called), and softmax, GELU or
   LayerNorm arithmetic done in bfloat16, and a pad: the gradients of q, k and v must be
   joined by one concatenation (unpacking a [3, ...] array pads and adds them, which XLA CPU
-  does element by element in bfloat16, a quarter of the recipe's step). (With a single query chunk, block_size < 64, XLA
+  does element by element in bfloat16, a sixth of the recipe's step). (With a single query
+  chunk, block_size < 64, XLA
   still upcasts one attention-gradient matmul per layer; test_bfloat16_trains_close_to_float32
   runs that case.)"""
   config = tiny_config(model__dtype="bfloat16", model__block_size=block_size)
