@@ -3,7 +3,7 @@
 Which file tests which module ("slow": the tests in it marked slow; see below):
 
   test_model.py        model.py: GPT-2's shapes and numerics, the KV cache, count_params
-  test_kernels.py      kernels.py: Dense, HeadsDense, Dropout, every attention path, cache_update
+  test_kernels.py      kernels/: Dense, HeadsDense, Dropout, every attention path, cache_update
   test_optim.py        optim.py: learning-rate schedule, weight-decay mask, Muon. slow: Muon
                        under FSDP on 8 simulated devices
   test_steps.py        steps.py: gradient accumulation, bfloat16 compute
