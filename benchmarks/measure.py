@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import command_profile, results
 from configs import default
-from gpt2jax import optim, runtime, sampling
+from gpt2jax import kernels, optim, runtime, sampling
 from gpt2jax.flops import gpt_flops_per_token
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.steps import init_train_state, make_train_step
@@ -70,11 +70,12 @@ def train_setup(shape: Shape, optimizer_name: str = "adamw"):
   train_config = default.get_config().train
   train_config.optimizer = optimizer_name
   optimizer = optim.make_optimizer(train_config)
-  state = init_train_state(model, optimizer, seed=0)
-  step = jax.jit(make_train_step(model, optimizer, optim.learning_rate_schedule(train_config),
-                                 seed=0),
+  platform = jax.devices()[0].platform
+  state = init_train_state(model, optimizer, seed=0, platform=platform)
+  step = jax.jit(kernels.traced_for(platform, make_train_step(
+      model, optimizer, optim.learning_rate_schedule(train_config), seed=0)),
                  donate_argnums=0,  # compiled as training compiles it
-                 compiler_options=runtime.compiler_options(jax.devices()[0].platform))
+                 compiler_options=runtime.compiler_options(platform))
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, shape.vocab_size, (shape.batch_size,
                                                             shape.block_size + 1)), jnp.int32)

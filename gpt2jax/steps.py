@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt2jax import errors, optim, parallel, runtime
+from gpt2jax import errors, kernels, optim, parallel, runtime
 from gpt2jax.model import GPT, GPTConfig
 
 
@@ -37,16 +37,24 @@ def _init_fn(model: GPT, optimizer: optax.GradientTransformation) -> Callable:
 
 
 def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: int,
-                     shardings: Any = None, compiler_options: dict | None = None
-                     ) -> TrainState:
-  """A fresh state; with shardings, each device creates only its own shards."""
-  return jax.jit(_init_fn(model, optimizer), out_shardings=shardings,
+                     shardings: Any = None, compiler_options: dict | None = None,
+                     platform: str | None = None) -> TrainState:
+  """A fresh state; with shardings, each device creates only its own shards. platform: the
+  devices' (see `_for_platform`)."""
+  return jax.jit(_for_platform(platform, _init_fn(model, optimizer)), out_shardings=shardings,
                  compiler_options=compiler_options)(jax.random.key(seed))
 
 
-def abstract_train_state(model: GPT, optimizer: optax.GradientTransformation) -> TrainState:
+def abstract_train_state(model: GPT, optimizer: optax.GradientTransformation,
+                         platform: str | None = None) -> TrainState:
   """Shapes and dtypes of the state, without computing it."""
-  return jax.eval_shape(_init_fn(model, optimizer), jax.random.key(0))
+  return jax.eval_shape(_for_platform(platform, _init_fn(model, optimizer)), jax.random.key(0))
+
+
+def _for_platform(platform: str | None, fn: Callable) -> Callable:
+  """fn traced for the devices' platform when known: the kernels then trace and lower only
+  that platform's path (gpt2jax.kernels.platform), a shorter cold start."""
+  return fn if platform is None else kernels.traced_for(platform, fn)
 
 
 def cross_entropy(logits, targets):
@@ -183,20 +191,21 @@ def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
   t = config.train
   optimizer = optim.make_optimizer(t)
   schedule = optim.learning_rate_schedule(t)
-  abstract = abstract_train_state(model, optimizer)
+  platform = mesh.devices.flat[0].platform
+  abstract = abstract_train_state(model, optimizer, platform)
   state_shardings = parallel.tree_shardings(abstract, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   scalar = parallel.replicated(mesh)
-  options = runtime.compiler_options(mesh.devices.flat[0].platform)
-  train_step = jax.jit(
-      make_train_step(model, optimizer, schedule, config.seed, t.grad_accum_steps,
-                      skip_nonfinite=t.get("skip_nonfinite", False)),
+  options = runtime.compiler_options(platform)
+  train_step = jax.jit(_for_platform(platform, make_train_step(
+      model, optimizer, schedule, config.seed, t.grad_accum_steps,
+      skip_nonfinite=t.get("skip_nonfinite", False))),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, scalar),
       donate_argnums=0, compiler_options=options)
-  eval_step = jax.jit(make_eval_step(model),
+  eval_step = jax.jit(_for_platform(platform, make_eval_step(model)),
                       in_shardings=(state_shardings.params, batch_sharding), out_shardings=scalar,
                       compiler_options=options)
   return ShardedSteps(
       mesh, parallel.abstract_with_shardings(abstract, state_shardings), batch_sharding,
-      lambda seed: init_train_state(model, optimizer, seed, state_shardings, options),
+      lambda seed: init_train_state(model, optimizer, seed, state_shardings, options, platform),
       train_step, eval_step)

@@ -273,6 +273,26 @@ def test_each_platform_gets_its_own_attention_and_matmul_gradient(platform):
   assert dropped.count("stablehlo.dot_general") == (8 if platform == "cpu" else 2)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_a_function_traced_for_a_platform_holds_that_platforms_path_only(platform):
+  """kernels.traced_for: catches a kernel that still traces every platform's path under it
+  (platform_dependent's platform_index in the jaxpr), or that takes another platform's."""
+  q, k, v = _normal((1, 2, 128, 8), (1, 2, 128, 8), (1, 2, 128, 8))
+  loss = lambda q, k, v: jnp.sum(kernels.causal_attention(q, k, v)
+                                 + kernels.causal_attention_dropout(q, k, v, jax.random.key(0),
+                                                                    0.2))
+  step = lambda q, k, v, w: (jax.grad(loss)(q, k, v), jax.grad(
+      lambda w: jnp.sum(kernels.linear(q, w) + kernels.tied_logits(q, w.T, jnp.bfloat16)))(w))
+  args = (q, k, v, _normal((8, 16))[0])
+  assert "platform_index" in str(jax.make_jaxpr(step)(*args))
+  traced = kernels.traced_for(platform, step)
+  assert "platform_index" not in str(jax.make_jaxpr(traced)(*args))
+  forward = _exported_text(kernels.traced_for(platform, kernels.causal_attention), platform,
+                           q, k, v)
+  assert forward.count("stablehlo.dot_general") == (8 if platform == "cpu" else 2)
+  assert "platform_index" in str(jax.make_jaxpr(step)(*args))  # the platform was unset again
+
+
 def test_chunk_count_skips_the_upper_triangle_without_tiny_chunks():
   assert [kernels.attention_chunks(t) for t in (64, 96, 128, 62, 30)] == [2, 2, 4, 1, 1]
 

@@ -13,7 +13,7 @@ import pytest
 from jax.extend import core as jax_core
 
 from conftest import TINY_TEXT, tiny_config
-from gpt2jax import optim, runtime, steps
+from gpt2jax import kernels, optim, parallel, runtime, steps
 from gpt2jax.model import GPT, GPTConfig
 from gpt2jax.tokenizer import CharTokenizer
 
@@ -140,6 +140,43 @@ def test_cpu_compiler_options_compute_the_same_bits():
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_sharded_steps_are_traced_for_the_mesh_and_compute_the_same_bits():
+  """make_sharded_steps traces its train, eval and init programs for the mesh's platform
+  (kernels.traced_for). Catches one that still traces every platform's path, and a CPU path
+  that computes anything else, to the bit, than what platform_dependent picks when lowering."""
+  config = tiny_config()
+  config.model.dropout = 0.1
+  vocab, batches = _char_batches(TINY_TEXT, 32, 8, 3)
+  model, optimizer = _model_and_optimizer(config, vocab)
+  mesh = parallel.make_mesh(config.mesh)
+  sharded = steps.make_sharded_steps(config, model, mesh)
+  batch = sharded.abstract_batch(8, 32)
+  with jax.set_mesh(mesh):
+    assert "platform_index" not in str(sharded.train_step.trace(sharded.abstract_state,
+                                                                batch).jaxpr)
+    assert "platform_index" not in str(sharded.eval_step.trace(sharded.abstract_state.params,
+                                                               batch).jaxpr)
+  options = runtime.compiler_options("cpu")
+  lowered_step = jax.jit(steps.make_train_step(model, optimizer,
+                                               optim.learning_rate_schedule(config.train),
+                                               config.seed), compiler_options=options)
+  lowered_eval = jax.jit(steps.make_eval_step(model), compiler_options=options)
+  results = []
+  for init, step, eval_step in (
+      (lambda: steps.init_train_state(model, optimizer, config.seed, compiler_options=options),
+       lowered_step, lowered_eval),
+      (lambda: sharded.init(config.seed), sharded.train_step, sharded.eval_step)):
+    state = init()
+    for rows in batches:
+      state, _ = step(state, jnp.asarray(rows))
+    results.append((jax.device_get(state.params), float(eval_step(state.params,
+                                                                  jnp.asarray(batches[0])))))
+  (lowered_params, lowered_loss), (traced_params, traced_loss) = results
+  assert traced_loss == lowered_loss
+  for a, b in zip(jax.tree.leaves(lowered_params), jax.tree.leaves(traced_params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def compiled_dots(hlo: str) -> list[tuple[str, str, str]]:
   """(lhs, rhs, result) element types of every dot in a compiled module's HLO text."""
   types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))  # instruction names are module-wide
@@ -161,8 +198,8 @@ def test_bfloat16_step_multiplies_bfloat16_and_computes_the_rest_in_float32(bloc
   config = tiny_config(model__dtype="bfloat16", model__block_size=block_size)
   model, optimizer = _model_and_optimizer(config, vocab=50)
   state = steps.init_train_state(model, optimizer, config.seed)
-  step = jax.jit(steps.make_train_step(model, optimizer,
-                                       optim.learning_rate_schedule(config.train), config.seed))
+  step = jax.jit(kernels.traced_for("cpu", steps.make_train_step(  # as train.py traces it
+      model, optimizer, optim.learning_rate_schedule(config.train), config.seed)))
   batch = jnp.asarray(np.random.default_rng(0).integers(0, 50, (8, block_size + 1)), jnp.int32)
   compiled = step.lower(state, batch).compile()
   hlo = compiled.as_text()

@@ -36,12 +36,13 @@ from gpt2jax.kernels.causal import (attention_chunks, attention_scale, causal_at
                                     causal_attention_dropout, dropout_masks, softmax_weights,
                                     weighted_values)
 from gpt2jax.kernels.dropout import Dropout, apply_keep, keep_mask, keep_threshold
+from gpt2jax.kernels.platform import traced_for
 from gpt2jax.kernels.products import Dense, HeadsDense, linear, matmul, product, tied_logits
 
 __all__ = ["Dense", "Dropout", "HeadsDense", "apply_keep", "attention", "attention_chunks",
            "attention_scale", "cache_update", "causal_attention", "causal_attention_dropout",
            "dropout_masks", "keep_mask", "keep_threshold", "linear", "matmul", "product",
-           "softmax_weights", "tied_logits", "weighted_values"]
+           "softmax_weights", "tied_logits", "traced_for", "weighted_values"]
 
 
 def attention(q, k, v, *, past=None, mask=None, dropout_rate: float = 0.0,

@@ -1,6 +1,6 @@
 """Causal self-attention of a whole sequence, as training and scoring run it: on CPU the
 chunked kernel with its own gradient (with or without dropout on the weights), on GPUs and
-TPUs jax.nn.dot_product_attention; chosen when lowering (`jax.lax.platform_dependent`). Also
+TPUs jax.nn.dot_product_attention; chosen by `platform.by_platform`. Also
 the plain softmax attention (`softmax_weights`, `weighted_values`) that the kernel and the
 other paths of gpt2jax.kernels.attention are made of.
 """
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2jax.kernels.dropout import apply_keep, keep_mask, keep_threshold
+from gpt2jax.kernels.platform import by_platform
 from gpt2jax.kernels.products import fence, matmul, row_major, transposed
 
 _MIN_CHUNK = 32  # queries per attention chunk, at least
@@ -59,7 +60,7 @@ def causal_attention(q, k, v, chunks: int | None = None):
   """
   chunks = attention_chunks(q.shape[2]) if chunks is None else chunks
   q = q * jnp.asarray(attention_scale(q), q.dtype)
-  return jax.lax.platform_dependent(
+  return by_platform(
       q, k, v, cpu=lambda q, k, v: _chunked_attention(*_rows(q, k, v), (), chunks, None),
       default=_fused_attention)
 
@@ -87,7 +88,7 @@ def causal_attention_dropout(q, k, v, key, rate: float, chunks: int | None = Non
     weights = softmax_weights(q, (k,), (jnp.tril(jnp.ones((time, time), jnp.bool_)),), None)
     return weighted_values(apply_keep(weights, keep, threshold), (v,))
 
-  return jax.lax.platform_dependent(q, k, v, key, cpu=chunked, default=whole)
+  return by_platform(q, k, v, key, cpu=chunked, default=whole)
 
 
 def _rows(*arrays):

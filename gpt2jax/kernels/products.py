@@ -5,8 +5,8 @@ its CPU gradient, the `Dense` and `HeadsDense` layers on them, and the tied LM h
 Why a CPU needs its own layout: XLA CPU runs a matmul fast (YNNPACK, multi-threaded) only when
 its left operand is row-major with the contraction on the minor axis; gradients that contract
 over tokens otherwise get a slow generic transpose copy or a slow fallback matmul. The choice
-is made when lowering (`jax.lax.platform_dependent`): GPUs and TPUs, also compiled ahead of
-time on a CPU host, get plain dots. README, "Performance", has what each of these measured.
+is made by `platform.by_platform` (while tracing for a known platform, else when lowering):
+GPUs and TPUs, also compiled ahead of time on a CPU host, get plain dots. README, "Performance", has what each of these measured.
 
 Why bfloat16 needs care on a CPU: XLA CPU multiplies bfloat16 fast (YNNPACK, with the CPU's
 bf16 dot-product instructions) only as bf16 x bf16 -> f32 with row-major operands. A
@@ -26,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from gpt2jax.kernels.platform import by_platform
 
 _BARRIER = jax.lax.optimization_barrier
 
@@ -144,8 +146,8 @@ def linear(x, kernel, dtype=None):
   operands in `dtype` (default: x's), accumulated and returned in float32. On CPU its
   gradient is `_linear_bwd`'s; elsewhere `product`'s."""
   x = x.astype(x.dtype if dtype is None else dtype)
-  return jax.lax.platform_dependent(x, kernel, cpu=_linear,
-                                    default=functools.partial(product, "...i,io->...o"))
+  return by_platform(x, kernel, cpu=_linear,
+                     default=functools.partial(product, "...i,io->...o"))
 
 
 @jax.custom_vjp
@@ -193,8 +195,8 @@ def tied_logits(x, embedding, dtype):
   and its plain gradient."""
   x = x.astype(dtype)
   cpu = _linear if jnp.dtype(dtype).itemsize < 4 else jnp.dot
-  return jax.lax.platform_dependent(x, embedding.T, cpu=cpu,
-                                    default=functools.partial(product, "...i,io->...o"))
+  return by_platform(x, embedding.T, cpu=cpu,
+                     default=functools.partial(product, "...i,io->...o"))
 
 
 def transposed(a):
@@ -203,7 +205,7 @@ def transposed(a):
   The barrier keeps XLA from folding the transpose back into the dot's dimensions. A
   16-bit transpose that XLA leaves as a layout change (column-major) makes XLA CPU upcast
   the dot to float32, since its fast matmul (YNNPACK) takes bfloat16 operands row-major
-  only: going through a flat copy makes the transpose real.
+  only: `row_major` makes the transpose real.
   """
   swapped = a.swapaxes(-1, -2)
   if a.dtype.itemsize >= 4:
@@ -214,7 +216,12 @@ def transposed(a):
 def row_major(a):
   """a as a row-major array of its own, when 16-bit: XLA may keep a transpose as a layout
   change (a column-major operand), which makes XLA CPU upcast a bf16 matmul to float32.
-  Going through a flat copy makes the transpose real; the barrier keeps it."""
+  A reshape that a column-major layout cannot express makes the transpose a real copy; the
+  barrier keeps it. The reshape splits the leading axis in two and keeps the others: a copy
+  into a flat array costs XLA CPU 3-4x more (the weight gradients' transposes of the recipe's bf16
+  step took 2-3% of it more; README, "Performance")."""
   if a.dtype.itemsize >= 4:
     return a
-  return _BARRIER(a.reshape(-1)).reshape(a.shape)
+  lead, *rest = a.shape
+  split = (2, lead // 2, *rest) if lead % 2 == 0 else (-1,)
+  return _BARRIER(a.reshape(split)).reshape(a.shape)
