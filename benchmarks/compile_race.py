@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from absl import app, flags
+
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("imports", "setup", "train lower", "train compile", "eval lower", "eval compile",
           "init")
@@ -89,7 +91,10 @@ def run_checkout(checkout: Path, config_path: str, vocab_size: int) -> dict:
       cwd=checkout, env=env, capture_output=True, text=True, check=False)
   if child.returncode != 0:
     raise RuntimeError(f"{checkout}: the measuring process failed:\n{child.stderr[-3000:]}")
-  return json.loads(child.stdout.strip().splitlines()[-1])
+  measured = json.loads(child.stdout.strip().splitlines()[-1])
+  if not Path(measured["gpt2jax"]).resolve().is_relative_to(checkout):
+    raise RuntimeError(f"the process for {checkout} imported {measured['gpt2jax']}")
+  return measured["phases"]
 
 
 def checkout_path(name: str) -> Path:
@@ -100,57 +105,55 @@ def checkout_path(name: str) -> Path:
   return path
 
 
-def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
-  """{checkout: {phase: {"wall", "cpu"}}}, medians over the rounds; "total" sums the phases."""
-  summary = {}
-  for name, rounds in runs.items():
+def summarize(runs: list[list[dict]]) -> list[dict[str, dict[str, float]]]:
+  """Per checkout, {phase: {"wall", "cpu"}}: medians over its rounds; "total" sums the phases."""
+  summary = []
+  for rounds in runs:
     phases = {phase: {kind: statistics.median(r[phase][kind] for r in rounds)
                       for kind in ("wall", "cpu")} for phase in PHASES}
     phases["total"] = {kind: statistics.median(sum(r[p][kind] for p in PHASES) for r in rounds)
                        for kind in ("wall", "cpu")}
-    summary[name] = phases
+    summary.append(phases)
   return summary
 
 
-def table(summary: dict) -> str:
-  names = list(summary)
+def table(names: list[str], summary: list[dict]) -> str:
   lines = ["| phase | " + " | ".join(f"{n}: wall (CPU) s" for n in names) + " |",
            "| --- |" + " ---: |" * len(names)]
   for phase in (*PHASES, "total"):
-    cells = [f"{summary[n][phase]['wall']:.2f} ({summary[n][phase]['cpu']:.2f})" for n in names]
+    cells = [f"{s[phase]['wall']:.2f} ({s[phase]['cpu']:.2f})" for s in summary]
     lines.append(f"| {phase} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
-  from absl import app, flags
-
-  from benchmarks import results
+  from benchmarks import results  # here: a measuring process imports no module of this repo
   given = flags.FLAGS
   try:
     checkouts = [checkout_path(name) for name in given.checkouts]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   names = [str(path) if path != REPO else "." for path in checkouts]
-  runs = {name: [] for name in names}
+  runs = [[] for _ in checkouts]  # per checkout, one dict of phases per round
   load_before = results.load_1min()
   for r in range(given.rounds):
-    order = list(zip(names, checkouts))
-    for name, path in (order if r % 2 == 0 else order[::-1]):
-      runs[name].append(run_checkout(path, given.config, given.vocab_size))
+    order = list(enumerate(checkouts))
+    for i, path in (order if r % 2 == 0 else order[::-1]):
+      runs[i].append(run_checkout(path, given.config, given.vocab_size))
   summary = summarize(runs)
   print(f"{given.config}, vocab {given.vocab_size}, {given.rounds} rounds, "
         f"load {load_before} -> {results.load_1min()}")
-  print(table(summary))
+  print(table(names, summary))
   path = results.write({"machine": results.machine(), "config": given.config,
                         "vocab_size": given.vocab_size, "rounds": given.rounds,
-                        "medians": summary, "runs": runs}, given.out, "compile-race")
+                        "checkouts": [{"checkout": name, "medians": medians, "rounds": rounds}
+                                      for name, medians, rounds in zip(names, summary, runs)]},
+                       given.out, "compile-race")
   print(f"wrote {path}")
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_list("checkouts", ["."], "gpt2jax checkouts to compare, the first the baseline.")
   flags.DEFINE_string("config", str(REPO / "configs" / "shakespeare_char_cpu.py"),
                       "The config whose programs are compiled.")
@@ -162,9 +165,9 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--child"]:  # a measuring process: its checkout is on PYTHONPATH
-    print(json.dumps(measure_phases(sys.argv[2], int(sys.argv[3]))))
+    phases = measure_phases(sys.argv[2], int(sys.argv[3]))
+    print(json.dumps({"gpt2jax": sys.modules["gpt2jax"].__file__, "phases": phases}))
   else:
     sys.path.insert(0, str(REPO))
-    from absl import app
     _define_flags()
     app.run(main)

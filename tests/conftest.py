@@ -30,8 +30,9 @@ Which file tests which module ("slow": the tests in it marked slow; see below):
                        commands, an import sharded over 8 simulated devices
   test_speed.py        runtime.py; benchmarks/. slow: the compilation cache in new processes,
                        python -m benchmarks.run
-  test_nanogpt_race.py benchmarks/nanogpt_race.py, command_profile.py, step_race.py:
-                       commands, parsing, phases. slow: the three commands on a tiny run
+  test_nanogpt_race.py benchmarks/nanogpt_race.py, command_profile.py, step_race.py,
+                       compile_race.py: commands, parsing, phases. slow: the four commands
+                       on a tiny run
                        (nanoGPT's side only where GPT2JAX_TEST_NANOGPT_DIR and
                        GPT2JAX_TEST_TORCH_PYTHON are set)
   test_tpu_compile.py  aot.py, all slow (skipped without libtpu)

@@ -1,5 +1,6 @@
-"""benchmarks/nanogpt_race.py, command_profile.py and step_race.py: the commands they run,
-what they parse from the output, and the JSON they write (never the times themselves)."""
+"""benchmarks/nanogpt_race.py, command_profile.py, step_race.py and compile_race.py: the
+commands they run, what they parse from the output, and the JSON they write (never the times
+themselves)."""
 
 import json
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from absl import app
 
-from benchmarks import command_profile, nanogpt_race, step_race
+from benchmarks import command_profile, compile_race, nanogpt_race, step_race
 from conftest import TINY_TEXT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,3 +195,42 @@ def test_the_step_race_runs_every_variant_in_turn_and_writes_its_json(tmp_path):
   assert all(len(v["block_ms"]) == 2 and v["median_ms"] > 0 for v in report["variants"])
   assert report["variants"][0]["speed_vs_first"] == 1.0
   assert "| .:bfloat16 |" in done.stdout
+
+
+def test_compile_race_takes_only_checkouts_and_sums_its_phases(tmp_path):
+  """Catches a non-checkout accepted, a total that is not the phases' sum per round, and a
+  table that drops a phase."""
+  assert compile_race.checkout_path(".") == REPO
+  with pytest.raises(ValueError, match="not a gpt2jax checkout.*git worktree add"):
+    compile_race.checkout_path(str(tmp_path))
+  rounds = [{phase: {"wall": 1.0 + i, "cpu": 2.0} for phase in compile_race.PHASES}
+            for i in range(3)]
+  (summary,) = compile_race.summarize([rounds])
+  assert summary["train compile"] == {"wall": 2.0, "cpu": 2.0}
+  assert summary["total"]["wall"] == 2.0 * len(compile_race.PHASES)
+  text = compile_race.table(["."], [summary])
+  assert all(f"| {phase} |" in text for phase in (*compile_race.PHASES, "total"))
+
+
+@pytest.mark.slow
+def test_the_compile_race_times_every_program_of_each_checkout(tmp_path):
+  """Runs the real measuring processes on a tiny config. Catches a phase missing from the
+  JSON, a process that measured another checkout's programs, or a failing child."""
+  config = tmp_path / "tiny.py"
+  config.write_text(
+      "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
+      "  config.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)\n"
+      "  config.train.batch_size = 4\n  return config\n", encoding="utf-8")
+  done = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compile_race", f"--checkouts=.,{REPO}", "--rounds=1",
+       f"--config={config}", "--vocab_size=50", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=600)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  (written,) = tmp_path.glob("compile-race-*.json")
+  report = json.loads(written.read_text(encoding="utf-8"))
+  assert [c["checkout"] for c in report["checkouts"]] == [".", "."]
+  for checkout in report["checkouts"]:
+    (measured,) = checkout["rounds"]
+    assert set(measured) == set(compile_race.PHASES)
+    assert all(seconds["wall"] > 0 and seconds["cpu"] > 0 for seconds in measured.values())
+  assert "| train compile |" in done.stdout
