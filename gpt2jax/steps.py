@@ -40,21 +40,17 @@ def init_train_state(model: GPT, optimizer: optax.GradientTransformation, seed: 
                      shardings: Any = None, compiler_options: dict | None = None,
                      platform: str | None = None) -> TrainState:
   """A fresh state; with shardings, each device creates only its own shards. platform: the
-  devices' (see `_for_platform`)."""
-  return jax.jit(_for_platform(platform, _init_fn(model, optimizer)), out_shardings=shardings,
+  devices', when known (the kernels then trace only its path: kernels.traced_for)."""
+  return jax.jit(kernels.traced_for(platform, _init_fn(model, optimizer)),
+                 out_shardings=shardings,
                  compiler_options=compiler_options)(jax.random.key(seed))
 
 
 def abstract_train_state(model: GPT, optimizer: optax.GradientTransformation,
                          platform: str | None = None) -> TrainState:
   """Shapes and dtypes of the state, without computing it."""
-  return jax.eval_shape(_for_platform(platform, _init_fn(model, optimizer)), jax.random.key(0))
-
-
-def _for_platform(platform: str | None, fn: Callable) -> Callable:
-  """fn traced for the devices' platform when known: the kernels then trace and lower only
-  that platform's path (gpt2jax.kernels.platform), a shorter cold start."""
-  return fn if platform is None else kernels.traced_for(platform, fn)
+  return jax.eval_shape(kernels.traced_for(platform, _init_fn(model, optimizer)),
+                        jax.random.key(0))
 
 
 def cross_entropy(logits, targets):
@@ -191,18 +187,18 @@ def make_sharded_steps(config: ml_collections.ConfigDict, model: GPT,
   t = config.train
   optimizer = optim.make_optimizer(t)
   schedule = optim.learning_rate_schedule(t)
-  platform = mesh.devices.flat[0].platform
+  platform = mesh.devices.flat[0].platform  # every program is traced for it: kernels.traced_for
   abstract = abstract_train_state(model, optimizer, platform)
   state_shardings = parallel.tree_shardings(abstract, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   scalar = parallel.replicated(mesh)
   options = runtime.compiler_options(platform)
-  train_step = jax.jit(_for_platform(platform, make_train_step(
+  train_step = jax.jit(kernels.traced_for(platform, make_train_step(
       model, optimizer, schedule, config.seed, t.grad_accum_steps,
       skip_nonfinite=t.get("skip_nonfinite", False))),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, scalar),
       donate_argnums=0, compiler_options=options)
-  eval_step = jax.jit(_for_platform(platform, make_eval_step(model)),
+  eval_step = jax.jit(kernels.traced_for(platform, make_eval_step(model)),
                       in_shardings=(state_shardings.params, batch_sharding), out_shardings=scalar,
                       compiler_options=options)
   return ShardedSteps(

@@ -22,9 +22,11 @@ _TRACING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "gpt2jax_kernels_tracing_for", default=None)
 
 
-def traced_for(platform: str, fn: Callable) -> Callable:
+def traced_for(platform: str | None, fn: Callable) -> Callable:
   """fn, whose kernels take `platform`'s path ("cpu", "gpu", "tpu": a device's .platform)
-  while it runs, which for a jitted fn is while it is traced."""
+  while it runs, which for a jitted fn is while it is traced; fn itself for None."""
+  if platform is None:
+    return fn
 
   @functools.wraps(fn)
   def for_platform(*args, **kwargs):

@@ -6,7 +6,8 @@ Why a CPU needs its own layout: XLA CPU runs a matmul fast (YNNPACK, multi-threa
 its left operand is row-major with the contraction on the minor axis; gradients that contract
 over tokens otherwise get a slow generic transpose copy or a slow fallback matmul. The choice
 is made by `platform.by_platform` (while tracing for a known platform, else when lowering):
-GPUs and TPUs, also compiled ahead of time on a CPU host, get plain dots. README, "Performance", has what each of these measured.
+GPUs and TPUs, also compiled ahead of time on a CPU host, get plain dots. README,
+"Performance", has what each of these measured.
 
 Why bfloat16 needs care on a CPU: XLA CPU multiplies bfloat16 fast (YNNPACK, with the CPU's
 bf16 dot-product instructions) only as bf16 x bf16 -> f32 with row-major operands. A
