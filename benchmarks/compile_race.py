@@ -2,7 +2,7 @@
 alternating fresh processes: what a change to the traced programs saves at start-up.
 
   python -m benchmarks.compile_race --checkouts=../before,. --rounds=5
-  python -m benchmarks.compile_race --config=configs/hebrew.py --vocab_size=8000
+  python -m benchmarks.compile_race --config=configs/hebrew.py --vocab_size=4000
 
 Each round runs, for every checkout in turn (the order reversed every round), one process
 that imports that checkout's gpt2jax and, with the compilation cache off, one program after
